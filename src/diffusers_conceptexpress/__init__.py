@@ -1,0 +1,30 @@
+"""diffusers-conceptexpress: ConceptExpress (ECCV 2024) as a diffusers pipeline.
+
+Find the visual concepts of one image with a Stable Diffusion model, with no words, masks or concept count.
+"""
+
+from .attention import AttentionRecorder, capture_attention
+from .clustering import constrained_finch, finch, kmeans
+from .image_io import ImageInputError, load_image, prepare_image
+from .localization import LocalizationConfig, LocalizationResult, localize
+from .outputs import ConceptLocalization
+from .pipeline import ConceptExpressPipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionRecorder",
+    "ConceptExpressPipeline",
+    "ConceptLocalization",
+    "ImageInputError",
+    "LocalizationConfig",
+    "LocalizationResult",
+    "__version__",
+    "capture_attention",
+    "constrained_finch",
+    "finch",
+    "kmeans",
+    "load_image",
+    "localize",
+    "prepare_image",
+]

@@ -1,0 +1,54 @@
+"""Output dataclasses of :class:`~diffusers_conceptexpress.ConceptExpressPipeline` (diffusers ``BaseOutput``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from .image_io import ResizeRecord
+from .localization import LocalizationResult
+
+__all__ = ["ConceptLocalization"]
+
+
+@dataclass
+class ConceptLocalization(BaseOutput):
+    """Result of :meth:`ConceptExpressPipeline.localize_concepts`.
+
+    Concepts are ordered by salience (EOT score, descending). ``K`` is the number of concepts, ``h x w``
+    the latent grid (64 x 64 for SD at 512 px).
+
+    Attributes:
+        masks: K binary masks (PIL mode "L", 0 or 255) at the ORIGINAL image size.
+        latent_masks: (K, h, w) bool masks on the latent grid; disjoint.
+        features: (K, h, w) float soft feature maps (mean self-attention of the concept's pixels), each
+            summing to 1.
+        eot_scores: (K,) mean [EOT] attention inside the concept / mean over the image (> 1: salient).
+        level: chosen FINCH level (None for "kmeans").
+        cluster_counts: number of clusters at every FINCH level, finest first.
+        eot_map: (h_r, w_r) [EOT] cross-attention of the empty prompt, head- and layer-averaged.
+        details: the full tensor result (candidate clusters, filter decisions, threshold, merges).
+        resize: how the image was resized for the model (maps masks back to the original size).
+        notes: fallbacks taken, in words (e.g. the stopping rule found no level with >= 10 clusters).
+        options: the localization options used (JSON-serialisable).
+    """
+
+    masks: list[PIL.Image.Image]
+    latent_masks: torch.Tensor
+    features: torch.Tensor
+    eot_scores: torch.Tensor
+    level: int | None = None
+    cluster_counts: list[int] = field(default_factory=list)
+    eot_map: torch.Tensor | None = None
+    details: LocalizationResult | None = None
+    resize: ResizeRecord | None = None
+    notes: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_concepts(self) -> int:
+        """Number of concepts K."""
+        return int(self.latent_masks.shape[0])

@@ -1,0 +1,134 @@
+"""Tiny Stable-Diffusion-shaped pipelines built from configs, offline (no weights are downloaded).
+
+Three flavours mirror the structure of the real models the package supports:
+
+- ``"sd1"``: SD 1.x: tokenizer pads with ``<|endoftext|>``, quick-gelu text encoder, conv projections,
+  epsilon prediction.
+- ``"sd2"``: SD 2.x-base: tokenizer pads with ``"!"`` (id 0), gelu text encoder, linear projections,
+  per-block head counts, epsilon prediction.
+- ``"sd2-v"``: SD 2.x-768: as ``"sd2"`` plus ``upcast_attention=True`` and v-prediction.
+
+Latent 16x16 (images 32x32, VAE factor 2); attention at 16x16 and 8x8, mid block at 4x4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+KINDS = ("sd1", "sd2", "sd2-v")
+WORDS = ("a", "photo", "of", "and", "in", "the", "snow", "cat", "dog", "red", "blue")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable symbol table of byte-level BPE: printable bytes map to themselves and come first."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Merges that make each word (letters + ``</w>``) a single token, built left to right per word."""
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+    return merges
+
+
+def tiny_tokenizer(directory: str | Path, pad: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with a few whole-word tokens, model_max_length 77."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges = _word_merges(WORDS)
+    vocab_list += ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(
+        vocab=str(directory / "vocab.json"),
+        merges=str(directory / "merges.txt"),
+        pad_token=pad,
+        model_max_length=77,
+    )
+
+
+def tiny_components(kind: str, workdir: str | Path, seed: int = 0) -> dict:
+    """Components (vae, text_encoder, tokenizer, unet, scheduler) of a tiny pipeline of the given kind."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    sd2 = kind != "sd1"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8) if sd2 else 4,
+        use_linear_projection=sd2,
+        upcast_attention=kind == "sd2-v",
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    tokenizer = tiny_tokenizer(Path(workdir) / f"tokenizer-{kind}", pad="!" if sd2 else "<|endoftext|>")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if kind == "sd2-v" else "epsilon",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+    }

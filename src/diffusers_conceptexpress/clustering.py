@@ -84,12 +84,35 @@ def pairwise_distance(
     return DISTANCES[metric](x, x if y is None else y.float())
 
 
+class _Rows:
+    """Rows of a matrix with what a metric needs precomputed once (logs and entropies for symmetric KL)."""
+
+    def __init__(self, x: torch.Tensor, metric: str) -> None:
+        if metric not in DISTANCES:
+            raise ValueError(f"Unknown distance {metric!r}; choose one of {sorted(DISTANCES)}.")
+        self.x, self.metric = x.float(), metric
+        if metric == "symmetric_kl":
+            self.log = self.x.clamp_min(_EPS).log_()
+            self.neg_entropy = torch.einsum("ij,ij->i", self.x, self.log)
+
+    def distance_to_all(self, rows: slice) -> torch.Tensor:
+        """Distances of ``x[rows]`` to every row, (len(rows), n)."""
+        if self.metric != "symmetric_kl":
+            return pairwise_distance(self.x[rows], self.x, self.metric)
+        x, lx = self.x, self.log
+        d = self.neg_entropy[rows, None] + self.neg_entropy[None, :]
+        d -= x[rows] @ lx.T
+        d -= lx[rows] @ x.T
+        return d.mul_(0.5).clamp_min_(0.0)
+
+
 def first_neighbours(
     x: torch.Tensor, metric: str = "symmetric_kl", block_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and distance of every row's nearest other row.
 
-    Computed in blocks of ``block_size`` rows, so the full (n, n) distance matrix never exists.
+    Computed in blocks of ``block_size`` rows, so the full (n, n) distance matrix never exists (memory:
+    one (block_size, n) block, plus one (n, d) log matrix for symmetric KL).
 
     Args:
         x: (n, d) samples, n >= 2.
@@ -99,15 +122,16 @@ def first_neighbours(
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"first_neighbours needs at least 2 samples, got {n}.")
-    x = x.float()
+    rows_ = _Rows(x, metric)
     nn_idx = torch.empty(n, dtype=torch.long, device=x.device)
     nn_dist = torch.empty(n, dtype=torch.float32, device=x.device)
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
-        d = pairwise_distance(x[start:stop], x, metric)
-        rows = torch.arange(stop - start, device=x.device)
-        d[rows, rows + start] = float("inf")
+        d = rows_.distance_to_all(slice(start, stop))
+        r = torch.arange(stop - start, device=x.device)
+        d[r, r + start] = float("inf")
         nn_dist[start:stop], nn_idx[start:stop] = d.min(dim=1)
+        del d
     return nn_idx, nn_dist
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -39,7 +40,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components: list[str] = []
+    _optional_components: ClassVar[list[str]] = []
 
     def __init__(
         self,

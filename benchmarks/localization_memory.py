@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -143,8 +144,6 @@ def run_case(case: str, resolution: int, threads: int | None) -> dict:
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if resolution % 64:
-        raise SystemExit(f"--resolution must be a multiple of 64 (VAE factor 8 x UNet downsampling 8), got {resolution}.")
     lat = resolution // 8
     proc = psutil.Process()
 
@@ -352,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args(argv)
+    if args.resolution <= 0 or args.resolution % 64:
+        parser.error(
+            f"--resolution must be a positive multiple of 64 (VAE 8 x UNet 8), got {args.resolution}"
+        )
 
     if args.case is not None:
         print(json.dumps(run_case(args.case, args.resolution, args.threads)), flush=True)
@@ -360,10 +363,6 @@ def main(argv: list[str] | None = None) -> None:
     results = {case: spawn_case(case, args) for case in CASES}  # one after the other, never in parallel
     text, summary = report(results)
     print(text)
-    import torch  # only for the version string; the parent does no tensor work
-
-    import diffusers
-
     payload = {
         "benchmark": "localization_memory",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -373,8 +372,8 @@ def main(argv: list[str] | None = None) -> None:
             "processor": platform.processor() or platform.machine(),
             "memory_total_mib": round(psutil.virtual_memory().total / MIB),
             "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
+            "torch": metadata.version("torch"),
+            "diffusers": metadata.version("diffusers"),
         },
         "unet_config": UNET_CONFIG,
         "resolution": args.resolution,

@@ -123,7 +123,9 @@ def test_cross_attention_with_gradient(components_factory):
     unet = components_factory("sd2")["unet"]
     x, t, ctx = unet_inputs(unet)
     ctx.requires_grad_(True)
-    rec = AttentionRecorder((16, 16), record_self=False, cross_token_indices=[2, 3], cross_factors=[2], cross_with_grad=True)
+    rec = AttentionRecorder(
+        (16, 16), record_self=False, cross_token_indices=[2, 3], cross_factors=[2], cross_with_grad=True
+    )
     with capture_attention(unet, rec):
         unet(x, t, encoder_hidden_states=ctx)
     maps = rec.cross_attention(2)

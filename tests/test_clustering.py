@@ -78,7 +78,7 @@ def test_finch_recovers_planted_distributions():
     counts = tree.num_clusters
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
     # Levels are nested: a cluster of level l+1 is a union of clusters of level l.
-    for fine, coarse in zip(tree.levels, tree.levels[1:]):
+    for fine, coarse in zip(tree.levels, tree.levels[1:], strict=False):
         for c in fine.labels.unique():
             assert coarse.labels[fine.labels == c].unique().numel() == 1
     # The last level with >= 4 clusters is pure: no cluster mixes two planted distributions.

@@ -65,7 +65,7 @@ def test_low_eot_group_is_dropped():
 
 
 def test_post_clustering_merges_fragments_of_one_object():
-    rows, eot, region = planted_scene(1)
+    rows, eot, _ = planted_scene(1)
     raw = localize(rows, (H, W), eot, LocalizationConfig(post_clustering=False))
     merged = localize(rows, (H, W), eot)
     assert raw.masks.shape[0] > 3  # the chosen FINCH level has >= 10 clusters: objects come in fragments
@@ -78,7 +78,13 @@ def test_plain_finch_and_kmeans_localizers():
     plain = localize(rows, (H, W), eot, LocalizationConfig(method="finch"))
     assert plain.masks.shape[0] == plain.cluster_counts[plain.level] >= 10
     assert plain.masks.sum(0).eq(1).all()  # every pixel in exactly one cluster, background included
-    km = localize(rows, (H, W), eot, LocalizationConfig(method="kmeans", num_concepts=4), torch.Generator().manual_seed(0))
+    km = localize(
+        rows,
+        (H, W),
+        eot,
+        LocalizationConfig(method="kmeans", num_concepts=4),
+        torch.Generator().manual_seed(0),
+    )
     assert km.masks.shape[0] == 4
     assert sorted(region_of(m, region) for m in km.masks) == [0, 1, 2, 3]
 

@@ -1,0 +1,153 @@
+"""ConceptExpressPipeline on tiny SD 1.x / 2.x / 2.x-v pipelines: loading, conversion, localization, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from diffusers_conceptexpress import ConceptExpressPipeline, ImageInputError
+
+
+def make_image(mode="RGB", size=(96, 80), seed=0):
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "RGBA":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)))
+        return rgba
+    return rgb.convert(mode) if mode != "P" else rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+
+
+def unet_probe(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([5]), encoder_hidden_states=ctx).sample
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"), [("RGB", (64, 64)), ("RGBA", (120, 72)), ("L", (80, 96)), ("P", (64, 100))]
+)
+def test_localize_end_to_end(tiny_pipe, mode, size):
+    types_before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    out_before = unet_probe(tiny_pipe)
+    result = tiny_pipe.localize_concepts(make_image(mode, size))
+    k = result.num_concepts
+    assert k >= 1
+    assert len(result.masks) == k
+    assert all(m.size == size and m.mode == "L" for m in result.masks)
+    assert result.latent_masks.dtype == torch.bool and result.latent_masks.shape == (k, 16, 16)
+    assert (result.latent_masks.sum(0) <= 1).all()  # disjoint
+    masks = np.stack([np.asarray(m) > 0 for m in result.masks])
+    assert (masks.sum(0) <= 1).all()
+    assert result.features.shape == (k, 16, 16)
+    torch.testing.assert_close(result.features.sum((1, 2)), torch.ones(k))
+    assert result.eot_scores.shape == (k,)
+    assert result.cluster_counts and result.level is not None
+    assert result.resize.original_size == size and result.resize.model_size == (32, 32)
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == types_before
+    assert (unet_probe(tiny_pipe) - out_before).abs().max() < 1e-5
+
+
+def test_keep_aspect_gives_non_square_latent(components_factory):
+    pipe = ConceptExpressPipeline(**components_factory("sd1"))
+    result = pipe.localize_concepts(make_image("RGB", (128, 64)), resize_policy="keep_aspect")
+    h, w = result.latent_masks.shape[1:]
+    assert w == 2 * h
+    assert result.masks[0].size == (128, 64)
+
+
+def test_localizers_and_determinism(components_factory):
+    pipe = ConceptExpressPipeline(**components_factory("sd2"))
+    img = make_image()
+    km = [
+        pipe.localize_concepts(
+            img, method="kmeans", num_concepts=3, generator=torch.Generator().manual_seed(3)
+        )
+        for _ in range(2)
+    ]
+    assert km[0].num_concepts == 3 and torch.equal(km[0].latent_masks, km[1].latent_masks)
+    plain = pipe.localize_concepts(img, method="finch")
+    assert plain.latent_masks.sum(0).eq(1).all()
+    a, b = pipe.localize_concepts(img), pipe.localize_concepts(img)
+    assert torch.equal(a.latent_masks, b.latent_masks)
+    sampled = [
+        pipe.localize_concepts(img, latent_sampling="sample", generator=torch.Generator().manual_seed(1))
+        for _ in range(2)
+    ]
+    assert torch.equal(sampled[0].latent_masks, sampled[1].latent_masks)
+
+
+def test_save_and_from_pretrained(tmp_path, components_factory):
+    pipe = ConceptExpressPipeline(**components_factory("sd2-v"))
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = ConceptExpressPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded, ConceptExpressPipeline)
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.unet.config.upcast_attention
+    img = make_image()
+    assert torch.equal(pipe.localize_concepts(img).latent_masks, loaded.localize_concepts(img).latent_masks)
+    half = ConceptExpressPipeline.from_pretrained(tmp_path / "pipe", dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
+    # the stock SD pipeline loads the same folder
+    sd = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "pipe", safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    assert isinstance(sd, StableDiffusionPipeline)
+
+
+def test_from_pipe_keeps_dtype_and_shares_modules(components_factory):
+    sd = StableDiffusionPipeline(
+        **components_factory("sd1"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dtype=torch.bfloat16)
+    ce = ConceptExpressPipeline.from_pipe(sd)
+    assert ce.unet is sd.unet and ce.vae is sd.vae and ce.text_encoder is sd.text_encoder
+    assert ce.unet.dtype == torch.bfloat16 and ce.vae.dtype == torch.bfloat16
+    result = ce.localize_concepts(make_image())
+    assert result.num_concepts >= 1
+    ce32 = ConceptExpressPipeline.from_pipe(sd, dtype=torch.float32)
+    assert ce32.unet.dtype == torch.float32
+    back = StableDiffusionPipeline.from_pipe(
+        ce32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    images = back("a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.fixture
+def vae_calls(tiny_pipe):
+    calls = []
+    handle = tiny_pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    handle_enc = tiny_pipe.vae.encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    yield calls
+    handle.remove()
+    handle_enc.remove()
+
+
+@pytest.mark.parametrize("kind", ["sd1"], indirect=True)
+def test_bad_inputs_fail_before_model_work(tiny_pipe, vae_calls, tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
+        tiny_pipe.localize_concepts(str(missing))
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ImageInputError, match=r"notes\.txt"):
+        tiny_pipe.localize_concepts(text)
+    with pytest.raises(ImageInputError, match="63"):
+        tiny_pipe.localize_concepts(Image.new("RGB", (63, 100)))
+    with pytest.raises(TypeError, match="float"):
+        tiny_pipe.localize_concepts(3.5)
+    with pytest.raises(TypeError, match="num_clusters"):
+        tiny_pipe.localize_concepts(make_image(), num_clusters=3)
+    with pytest.raises(ValueError, match="num_concepts"):
+        tiny_pipe.localize_concepts(make_image(), method="kmeans")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tiny_pipe.localize_concepts(make_image(), resolution=30)
+    assert vae_calls == []

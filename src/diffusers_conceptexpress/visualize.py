@@ -1,0 +1,86 @@
+"""Pictures people would rather look at than tensors: mask overlays and heat maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+__all__ = ["PALETTE", "heatmap", "overlay_masks"]
+
+# Distinct colours (RGB), cycled when there are more concepts.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+)
+
+
+def _as_bool(mask: PIL.Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if isinstance(mask, np.ndarray):
+        mask = PIL.Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    if mask.size != size:
+        mask = mask.resize(size, PIL.Image.Resampling.NEAREST)
+    return np.asarray(mask.convert("L")) > 127
+
+
+def overlay_masks(
+    image: PIL.Image.Image,
+    masks: Sequence[PIL.Image.Image | np.ndarray | torch.Tensor],
+    labels: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> PIL.Image.Image:
+    """The image with each mask tinted in its own colour and, optionally, its label at the mask's centre.
+
+    Args:
+        image: the source image (any mode; shown as RGB).
+        masks: K binary masks, any size (resized to the image with nearest neighbour).
+        labels: K strings (e.g. token names), or None.
+        alpha: tint opacity in [0, 1].
+    Returns:
+        An RGB image of the source size.
+    """
+    base = np.asarray(image.convert("RGB")).astype(np.float32)
+    out = base.copy()
+    centres = []
+    for k, mask in enumerate(masks):
+        m = _as_bool(mask, image.size)
+        colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+        out[m] = (1 - alpha) * base[m] + alpha * colour
+        ys, xs = np.nonzero(m)
+        centres.append((int(xs.mean()), int(ys.mean())) if len(xs) else None)
+    result = PIL.Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    if labels:
+        draw = PIL.ImageDraw.Draw(result)
+        for k, (label, centre) in enumerate(zip(labels, centres, strict=False)):
+            if centre is None:
+                continue
+            x, y = centre
+            box = draw.textbbox((x, y), label, anchor="mm")
+            draw.rectangle(box, fill=PALETTE[k % len(PALETTE)])
+            draw.text((x, y), label, fill=(255, 255, 255), anchor="mm")
+    return result
+
+
+def heatmap(values: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None) -> PIL.Image.Image:
+    """A 2-D map (h, w) as a min-max normalised heat image (black-red-yellow-white), optionally resized."""
+    v = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    lo, hi = float(v.min()), float(v.max())
+    v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    img = PIL.Image.fromarray((rgb * 255).astype(np.uint8))
+    return img.resize(size, PIL.Image.Resampling.BILINEAR) if size else img

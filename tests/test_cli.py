@@ -1,0 +1,67 @@
+"""The ``conceptexpress`` command line on a saved tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_conceptexpress import ConceptExpressPipeline
+from diffusers_conceptexpress.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, components_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny-sd2"
+    ConceptExpressPipeline(**components_factory("sd2")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_localize_writes_masks_overlay_and_json(model_dir, image_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["localize", str(image_path), "--model", str(model_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "localization.json").read_text())
+    assert summary["concepts"]
+    for concept in summary["concepts"]:
+        mask = Image.open(out / concept["mask"])
+        assert mask.size == (90, 70)
+    assert Image.open(out / "overlay.png").size == (90, 70)
+    assert (out / "eot_map.png").exists()
+    assert "concept(s) found" in capsys.readouterr().out
+    # a second run refuses to overwrite, with one line and a non-zero exit
+    assert main(["localize", str(image_path), "--model", str(model_dir), "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+
+
+def test_missing_image_fails_cleanly(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["localize", str(tmp_path / "missing.jpg"), "--model", str(model_dir), "--out", str(out)])
+    assert code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.jpg" in err[0]
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary leftovers either
+
+
+def test_failure_during_save_leaves_no_directory(model_dir, image_path, tmp_path, monkeypatch):
+    import diffusers_conceptexpress.cli as cli
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "_save_localization", broken)
+    out = tmp_path / "out"
+    assert main(["localize", str(image_path), "--model", str(model_dir), "--out", str(out)]) != 0
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]

@@ -36,7 +36,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"Output directory {str(path)!r} already exists; choose another or overwrite it.")
+        raise FileExistsError(
+            f"Output directory {str(path)!r} already exists; choose another or overwrite it."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -60,7 +60,9 @@ def cmd_localize(args: argparse.Namespace) -> int:
     load_image(args.image)  # validate before loading any model
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"Output directory {str(out)!r} already exists; pass --overwrite or choose another.")
+        raise FileExistsError(
+            f"Output directory {str(out)!r} already exists; pass --overwrite or choose another."
+        )
     options = {"method": args.method, "resize_policy": args.resize_policy}
     if args.num_concepts is not None:
         options["num_concepts"] = args.num_concepts
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("localize", help="find the concepts of an image and write their masks")
     loc.add_argument("image", help="image file")
-    loc.add_argument("--model", required=True, help="diffusers folder or model id of a Stable Diffusion model")
+    loc.add_argument(
+        "--model", required=True, help="diffusers folder or model id of a Stable Diffusion model"
+    )
     loc.add_argument("--out", required=True, help="output directory (created; must not exist)")
     loc.add_argument("--method", default="conceptexpress", choices=["conceptexpress", "finch", "kmeans"])
     loc.add_argument("--num-concepts", type=int, default=None, help="K, for --method kmeans")

@@ -78,7 +78,11 @@ def overlay_masks(
 
 def heatmap(values: torch.Tensor | np.ndarray, size: tuple[int, int] | None = None) -> PIL.Image.Image:
     """A 2-D map (h, w) as a min-max normalised heat image (black-red-yellow-white), optionally resized."""
-    v = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    v = (
+        values.detach().float().cpu().numpy()
+        if isinstance(values, torch.Tensor)
+        else np.asarray(values, float)
+    )
     lo, hi = float(v.min()), float(v.max())
     v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)

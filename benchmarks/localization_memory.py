@@ -24,7 +24,13 @@ How: every case runs in its own fresh subprocess (this script re-invoked with ``
   ``aggregation`` (normalisation of the self-attention sum + [EOT] map) and ``clustering``.
 
 The parent prints a table and the difference "(b) peak - (a) peak", checks the acceptance criterion
-((b) peak at most 300 MiB above (a) peak) and writes everything as JSON to ``--out``. MiB = 2**20 bytes.
+((b) peak at most 300 MiB above (a) peak, on ``ru_maxrss``; on the sampled peak if the build set
+``ru_maxrss``) and writes everything as JSON to ``--out``. MiB = 2**20 bytes.
+
+RSS also counts memory that was freed but that the C allocator (glibc malloc) keeps for reuse, so peaks vary
+from run to run by a few hundred MiB; run it several times. Setting the environment variable
+``MALLOC_MMAP_THRESHOLD_=131072`` (inherited by both cases) makes glibc return every large block on free,
+which brings RSS close to the memory actually in use.
 
 Usage::
 
@@ -308,12 +314,16 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     diff_above = b["ru_maxrss_above_build_mib"] - a["ru_maxrss_above_build_mib"]
     dominant = max(b["phases"], key=lambda n: b["phases"][n]["sampled_peak_mib"])
     build_set = [r["case"] for r in (a, b) if r["ru_maxrss_set_by_build"]]
-    passed = diff_max <= CRITERION_MIB and diff_sampled <= CRITERION_MIB
+    # ru_maxrss is exact; the sampled peak can miss short spikes, so it only decides when the build set
+    # ru_maxrss (then ru_maxrss says nothing about the measured phases).
+    judged_on = "sampled" if build_set else "ru_maxrss"
+    passed = (diff_sampled if build_set else diff_max) <= CRITERION_MIB
     summary = {
         "b_minus_a_ru_maxrss_mib": round(diff_max, 1),
         "b_minus_a_sampled_peak_mib": round(diff_sampled, 1),
         "b_minus_a_above_build_ru_maxrss_mib": round(diff_above, 1),
         "criterion": f"(b) peak - (a) peak <= {CRITERION_MIB:.0f} MiB",
+        "criterion_judged_on": judged_on,
         "criterion_passed": passed,
         "dominant_phase_of_b": dominant,
         "ru_maxrss_set_by_build_in": build_set,
@@ -326,7 +336,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
         "",
         f"(b) peak - (a) peak: {diff_max:+.0f} MiB (ru_maxrss), {diff_sampled:+.0f} MiB (sampled); "
         f"peak above after-build RSS, (b) - (a): {diff_above:+.0f} MiB",
-        f"criterion {summary['criterion']}: {'PASS' if passed else 'FAIL'}; "
+        f"criterion {summary['criterion']}, judged on {judged_on}: {'PASS' if passed else 'FAIL'}; "
         f"(b)'s highest phase: {dominant} ({b['phases'][dominant]['sampled_peak_mib']:.0f} MiB sampled)",
     ]
     if build_set:
@@ -337,7 +347,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     if "num_concepts" in b:
         lines.append(
             f"(b) localization: attention {b['attention_shape']}, EOT map {b['eot_map_shape']}, FINCH levels "
-            f"{b['cluster_counts']} (level {b['level']}), {b['num_concepts']} concepts (random weights)."
+            f"{b['cluster_counts']} (level {b['level']}), {b['num_concepts']} concept(s) (random weights)."
         )
     return "\n".join(lines), summary
 

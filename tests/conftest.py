@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from diffusers_conceptexpress import ConceptExpressPipeline
 from tiny_models import KINDS, tiny_components
+
+# Tiny models gain nothing from several threads, and on a busy 2-core machine OpenMP threads that wait for
+# each other make runs many times slower; CE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("CE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session", params=KINDS)

@@ -65,3 +65,31 @@ def test_failure_during_save_leaves_no_directory(model_dir, image_path, tmp_path
     assert main(["localize", str(image_path), "--model", str(model_dir), "--out", str(out)]) != 0
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]
+
+
+def test_extract_writes_documented_files_and_generate_uses_them(model_dir, image_path, tmp_path, capsys):
+    out = tmp_path / "concepts"
+    args = ["extract", str(image_path), "--model", str(model_dir), "--out", str(out), "--steps", "2"]
+    assert main([*args, "--inference-steps", "2"]) == 0
+    index = json.loads((out / "concepts.json").read_text())
+    k = len(index["concepts"])
+    names = {p.name for p in out.iterdir()}
+    assert {"concepts.safetensors", "concepts.json", "overlay.png", "samples.png"} <= names
+    assert all(f"concept_{i}.safetensors" in names and f"mask_{i}.png" in names for i in range(1, k + 1))
+    grid = Image.open(out / "samples.png")
+    assert grid.width == 32 * (k + (1 if k > 1 else 0))
+    assert "<ce>_1" in capsys.readouterr().out
+    png = tmp_path / "gen.png"
+    gen = ["generate", "--concepts", str(out), "--model", str(model_dir), "--prompt", "a photo of <ce>_1"]
+    code = main([*gen, "--out", str(png), "--inference-steps", "2"])
+    assert code == 0 and Image.open(png).size == (32, 32)
+
+
+def test_extract_missing_image_and_bad_concepts_dir(model_dir, tmp_path, capsys):
+    out = tmp_path / "concepts"
+    assert main(["extract", str(tmp_path / "nope.png"), "--model", str(model_dir), "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.png" in err[0] and not out.exists()
+    code = main(["generate", "--concepts", str(tmp_path), "--model", str(model_dir), "--prompt", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "concepts.json" in err[0]

@@ -5,18 +5,23 @@ Find the visual concepts of one image with a Stable Diffusion model, with no wor
 
 from .attention import AttentionRecorder, capture_attention
 from .clustering import constrained_finch, finch, kmeans
+from .export import load_concepts, save_concepts
 from .image_io import ImageInputError, load_image, prepare_image
+from .learning import LearnedConcepts, LearningConfig, learn_concepts
 from .localization import LocalizationConfig, LocalizationResult, localize
-from .outputs import ConceptLocalization
+from .outputs import ConceptExpressOutput, ConceptLocalization
 from .pipeline import ConceptExpressPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionRecorder",
+    "ConceptExpressOutput",
     "ConceptExpressPipeline",
     "ConceptLocalization",
     "ImageInputError",
+    "LearnedConcepts",
+    "LearningConfig",
     "LocalizationConfig",
     "LocalizationResult",
     "__version__",
@@ -24,7 +29,10 @@ __all__ = [
     "constrained_finch",
     "finch",
     "kmeans",
+    "learn_concepts",
+    "load_concepts",
     "load_image",
     "localize",
     "prepare_image",
+    "save_concepts",
 ]

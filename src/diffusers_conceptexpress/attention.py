@@ -29,7 +29,10 @@ __all__ = [
     "AttentionRecorder",
     "RecordingAttnProcessor",
     "capture_attention",
+    "grid_at_factor",
     "layer_grid",
+    "nearest_factor",
+    "unet_cross_attention_factors",
 ]
 
 SELF_ATTENTION_WEIGHTINGS = ("reference", "uniform", "resolution")
@@ -57,6 +60,35 @@ def layer_grid(latent_size: tuple[int, int], seq_len: int, max_factor_exp: int =
         f"An attention layer has {seq_len} tokens, which matches no downsampling of the latent grid "
         f"{latent_size}; was the recorder built for another latent size?"
     )
+
+
+def grid_at_factor(latent_size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Grid (h_r, w_r) of the layers at downsampling ``factor`` (a power of two) of a latent of ``latent_size``."""
+    h, w = latent_size
+    for _ in range(int(math.log2(factor))):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def unet_cross_attention_factors(unet: torch.nn.Module) -> list[int]:
+    """Downsampling factors of a ``UNet2DConditionModel``'s cross-attention layers outside the mid block.
+
+    Down block i runs at factor 2^i; up block j at factor 2^(n - 1 - j) for n blocks (SD at 512 px: 16x16
+    layers are ``down_blocks.2`` and ``up_blocks.1``, factor 4).
+    """
+    n = len(unet.down_blocks)
+    factors = {2**i for i, blk in enumerate(unet.down_blocks) if getattr(blk, "has_cross_attention", False)}
+    factors |= {
+        2 ** (n - 1 - j) for j, blk in enumerate(unet.up_blocks) if getattr(blk, "has_cross_attention", False)
+    }
+    if not factors:
+        raise ValueError("The UNet has no cross-attention layers outside its mid block.")
+    return sorted(factors)
+
+
+def nearest_factor(factors: list[int], wanted: int) -> int:
+    """The factor of ``factors`` closest to ``wanted`` on a log scale (the smaller one on ties)."""
+    return min(factors, key=lambda f: (abs(math.log2(f) - math.log2(wanted)), f))
 
 
 @dataclass
@@ -95,7 +127,7 @@ class AttentionRecorder:
         cross_factors: Sequence[int] | None = None,
         cross_include_mid: bool = False,
         cross_with_grad: bool = False,
-        chunk_bytes: int = 32 * 2**20,
+        chunk_bytes: int = 8 * 2**20,
     ) -> None:
         if self_weighting not in SELF_ATTENTION_WEIGHTINGS:
             raise ValueError(

@@ -1,5 +1,7 @@
 """The ``conceptexpress`` command line.
 
+    conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
+    conceptexpress generate --concepts DIR --model PATH_OR_ID --prompt "a photo of <ce>_1 in the snow"
     conceptexpress localize IMAGE --model PATH_OR_ID --out DIR [--method conceptexpress|finch|kmeans ...]
 
 Errors are one line on stderr and a non-zero exit; a failed run leaves no output directory behind.
@@ -59,10 +61,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
     load_image(args.image)  # validate before loading any model
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(
-            f"Output directory {str(out)!r} already exists; pass --overwrite or choose another."
-        )
+    _check_new_dir(out, args.overwrite)
     options = {"method": args.method, "resize_policy": args.resize_policy}
     if args.num_concepts is not None:
         options["num_concepts"] = args.num_concepts
@@ -77,24 +76,123 @@ def cmd_localize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_new_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"Output directory {str(out)!r} already exists; pass --overwrite or choose another."
+        )
+
+
+def sample_grid(pipe, tokens: list[str], *, seed: int, steps: int, guidance: float) -> tuple:
+    """Images of every concept alone and of the joint prompt, as a grid with the prompts as captions."""
+    from .visualize import image_grid
+
+    prompts = [f"a photo of {t}" for t in tokens]
+    if len(tokens) > 1:
+        prompts.append("a photo of " + " and ".join(tokens))
+    images = [
+        pipe(
+            p,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        for p in prompts
+    ]
+    return image_grid(images, prompts), prompts
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .atomic import atomic_directory
+    from .image_io import load_image
+
+    load_image(args.image)  # validate before loading any model
+    out = Path(args.out)
+    _check_new_dir(out, args.overwrite)
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    result = pipe.extract_concepts(
+        args.image,
+        num_train_steps=args.steps,
+        schedule=args.schedule,
+        generator=torch.Generator().manual_seed(args.seed),
+        token_prefix=args.token_prefix,
+        mixed_precision=args.mixed_precision,
+    )
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        result.save(tmp, overwrite=True)
+        if args.samples:
+            grid, _ = sample_grid(
+                pipe, result.tokens, seed=args.seed, steps=args.inference_steps, guidance=args.guidance
+            )
+            grid.save(tmp / "samples.png")
+    print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
+    print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .atomic import atomic_file
+    from .export import read_concepts_index
+
+    index = read_concepts_index(args.concepts)  # validate before loading any model
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    pipe.load_textual_inversion(str(Path(args.concepts) / index["file"]))
+    image = pipe(
+        args.prompt,
+        num_inference_steps=args.inference_steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images[0]
+    out = Path(args.out)
+    with atomic_file(out) as handle:
+        image.save(handle, format="PNG")
+    print(f"Wrote {out}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers folder or model id of a Stable Diffusion model")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conceptexpress", description="ConceptExpress for diffusers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    ext = sub.add_parser("extract", help="find the concepts of an image and learn one token per concept")
+    ext.add_argument("image", help="image file")
+    _add_model_args(ext)
+    ext.add_argument("--out", required=True, help="output directory (created; must not exist)")
+    ext.add_argument("--steps", type=int, default=500, help="training steps (authors: 500)")
+    ext.add_argument("--schedule", default="fast", choices=["fast", "faithful"])
+    ext.add_argument("--token-prefix", default="<ce>", help="concepts become <prefix>_1 ... <prefix>_K")
+    ext.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    ext.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grid")
+    ext.add_argument("--inference-steps", type=int, default=50, help="sampling steps of the sample grid")
+    ext.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the sample grid")
+    ext.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ext.set_defaults(func=cmd_extract)
+
+    gen = sub.add_parser("generate", help="generate an image with extracted concepts")
+    gen.add_argument("--concepts", required=True, help="a directory written by `conceptexpress extract`")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help='e.g. "a photo of <ce>_1 in the snow"')
+    gen.add_argument("--out", default="generated.png", help="output PNG file")
+    gen.add_argument("--inference-steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.set_defaults(func=cmd_generate)
+
     loc = sub.add_parser("localize", help="find the concepts of an image and write their masks")
     loc.add_argument("image", help="image file")
-    loc.add_argument(
-        "--model", required=True, help="diffusers folder or model id of a Stable Diffusion model"
-    )
+    _add_model_args(loc)
     loc.add_argument("--out", required=True, help="output directory (created; must not exist)")
     loc.add_argument("--method", default="conceptexpress", choices=["conceptexpress", "finch", "kmeans"])
     loc.add_argument("--num-concepts", type=int, default=None, help="K, for --method kmeans")
     loc.add_argument("--resize-policy", default="squash", choices=["squash", "keep_aspect"])
     loc.add_argument("--resolution", type=int, default=None, help="model input side in pixels")
-    loc.add_argument("--seed", type=int, default=0)
-    loc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    loc.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     loc.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     loc.set_defaults(func=cmd_localize)
     return parser

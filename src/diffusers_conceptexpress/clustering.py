@@ -107,7 +107,7 @@ class _Rows:
 
 
 def first_neighbours(
-    x: torch.Tensor, metric: str = "symmetric_kl", block_size: int = 1024
+    x: torch.Tensor, metric: str = "symmetric_kl", block_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and distance of every row's nearest other row.
 
@@ -238,7 +238,7 @@ def finch(
     metric: str = "symmetric_kl",
     *,
     max_levels: int | None = None,
-    block_size: int = 1024,
+    block_size: int = 512,
 ) -> FinchResult:
     """FINCH hierarchical clustering of the rows of ``x``.
 

@@ -9,9 +9,10 @@ import torch
 from diffusers.utils import BaseOutput
 
 from .image_io import ResizeRecord
+from .learning import LearnedConcepts
 from .localization import LocalizationResult
 
-__all__ = ["ConceptLocalization"]
+__all__ = ["ConceptExpressOutput", "ConceptLocalization"]
 
 
 @dataclass
@@ -52,3 +53,53 @@ class ConceptLocalization(BaseOutput):
     def num_concepts(self) -> int:
         """Number of concepts K."""
         return int(self.latent_masks.shape[0])
+
+
+@dataclass
+class ConceptExpressOutput(BaseOutput):
+    """Result of :meth:`ConceptExpressPipeline.extract_concepts`.
+
+    Attributes:
+        tokens: K prompt tokens, one per concept, in the order of ``localization`` (e.g. ``["<ce>_1", ...]``);
+            after :meth:`save` and ``load_textual_inversion("<dir>/concepts.safetensors")`` each is usable alone.
+        embeddings: (K, D) float32 learned embeddings (CPU).
+        localization: the concept masks (from :meth:`localize_concepts`, or built from the user's masks).
+        learning: counts (optimiser updates, UNet samples) and the loss history.
+        token_prefix: the token of all concepts together (``<ce>``).
+        base_model: name or path of the base model.
+        parameters: the options of the run (JSON-serialisable).
+        image: the source image (RGB), for the overlay picture.
+    """
+
+    tokens: list[str]
+    embeddings: torch.Tensor
+    localization: ConceptLocalization
+    learning: LearnedConcepts | None = None
+    token_prefix: str = "<ce>"
+    base_model: str = ""
+    parameters: dict = field(default_factory=dict)
+    image: PIL.Image.Image | None = None
+
+    @property
+    def num_concepts(self) -> int:
+        """Number of concepts K."""
+        return int(self.embeddings.shape[0])
+
+    def save(self, directory: str, overwrite: bool = False) -> str:
+        """Write the concept files (see :mod:`diffusers_conceptexpress.export`) atomically; returns the path."""
+        from .export import save_concepts
+
+        scores = self.localization.eot_scores.tolist()
+        return str(
+            save_concepts(
+                directory,
+                self.embeddings,
+                masks=self.localization.masks,
+                image=self.image,
+                scores=[None if s != s else s for s in scores],
+                base_model=self.base_model,
+                parameters=self.parameters,
+                token_prefix=self.token_prefix,
+                overwrite=overwrite,
+            )
+        )

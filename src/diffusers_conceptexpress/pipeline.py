@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -12,10 +11,13 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .attention import AttentionRecorder, capture_attention
-from .image_io import ImageInput, mask_to_original, prepare_image
+from .attention import AttentionRecorder, capture_attention, nearest_factor
+from .image_io import ImageInput, load_image, mask_to_original, prepare_image
+from .learning import LearningConfig, learn_concepts
 from .localization import LocalizationConfig, find_eot_index, localize
-from .outputs import ConceptLocalization
+from .masks import masks_to_latent_grid
+from .outputs import ConceptExpressOutput, ConceptLocalization
+from .tokens import concept_token_names
 
 logger = logging.get_logger(__name__)
 
@@ -113,6 +115,19 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 f"downsampling); use e.g. {self.default_resolution}."
             )
 
+    def _split_options(self, options: dict) -> tuple[LocalizationConfig, LearningConfig]:
+        loc_fields = set(LocalizationConfig.__dataclass_fields__)
+        learn_fields = set(LearningConfig.__dataclass_fields__)
+        unknown = sorted(set(options) - loc_fields - learn_fields)
+        if unknown:
+            raise TypeError(
+                f"Unknown option(s) {unknown}. Localization options: {sorted(loc_fields)}; learning options: "
+                f"{sorted(learn_fields)}."
+            )
+        loc = LocalizationConfig(**{k: v for k, v in options.items() if k in loc_fields})
+        learn = LearningConfig(**{k: v for k, v in options.items() if k in learn_fields})
+        return loc, learn
+
     # ------------------------------------------------------------- localization
     @torch.no_grad()
     def localize_concepts(
@@ -164,8 +179,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             self.unet(latents, timestep, encoder_hidden_states=prompt_embeds.to(self.unet.dtype))
         attention = recorder.self_attention(release=True)[0]
         notes = []
-        factors = recorder.cross_attention_factors()
-        eot_factor = min(factors, key=lambda f: (abs(math.log2(f) - math.log2(config.eot_factor)), f))
+        eot_factor = nearest_factor(recorder.cross_attention_factors(), config.eot_factor)
         if eot_factor != config.eot_factor:
             notes.append(
                 f"The UNet has no cross-attention at downsampling factor {config.eot_factor} (outside the mid "
@@ -192,3 +206,138 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             notes=notes,
             options={**config.to_dict(), "resolution": resolution, "eot_factor_used": eot_factor},
         )
+
+    # ---------------------------------------------------------------- learning
+    def extract_concepts(
+        self,
+        image: ImageInput,
+        *,
+        num_train_steps: int = 500,
+        schedule: str = "fast",
+        generator: torch.Generator | None = None,
+        callback=None,
+        masks=None,
+        token_prefix: str = "<ce>",
+        load: bool = True,
+        **options,
+    ) -> ConceptExpressOutput:
+        r"""Find the concepts of ``image`` and learn one token per concept (method.md §1 + §2).
+
+        Args:
+            image: as for :meth:`localize_concepts`.
+            num_train_steps: training steps (authors: 500).
+            schedule: "fast" (all prompts of a step in one batched UNet call) or "faithful" (the authors':
+                one optimiser step per prompt).
+            generator: seeds everything random (noise, timesteps, flips): same seed, same embeddings.
+            callback: ``callback(step, num_train_steps, logs)`` after every training step.
+            masks: optional list of K binary masks at the image size (PIL, numpy or torch), e.g. from SAM or
+                drawn by hand: localization is skipped and these masks are used.
+            token_prefix: lower-case prefix of the tokens: concepts become ``<prefix>_1 ... <prefix>_K``.
+            load: load the learned tokens into this pipeline, so ``pipe("a photo of <ce>_1")`` works at once
+                (tokens of an earlier extraction with the same prefix are replaced).
+            **options: fields of :class:`~diffusers_conceptexpress.LocalizationConfig` and of
+                :class:`~diffusers_conceptexpress.LearningConfig`.
+
+        Returns:
+            :class:`~diffusers_conceptexpress.ConceptExpressOutput`; ``.save(directory)`` writes the files.
+        """
+        loc_config, learn_config = self._split_options(
+            {**options, "num_train_steps": num_train_steps, "schedule": schedule}
+        )
+        tokens_preview = concept_token_names(token_prefix, 1)  # validates the prefix
+        del tokens_preview
+        resolution = loc_config.resolution or self.default_resolution
+        self._check_resolution(resolution)
+        pixels, record = prepare_image(
+            image, resolution, multiple=self.size_multiple, policy=loc_config.resize_policy
+        )
+        source = load_image(image)
+        if masks is not None:
+            latent_h = record.model_size[1] // self.vae_scale_factor
+            latent_w = record.model_size[0] // self.vae_scale_factor
+            latent_masks = masks_to_latent_grid(masks, record.original_size, (latent_h, latent_w))
+            features = latent_masks.float() / latent_masks.float().sum((1, 2), keepdim=True)
+            localization = ConceptLocalization(
+                masks=[mask_to_original(m, record) for m in latent_masks],
+                latent_masks=latent_masks,
+                features=features,
+                eot_scores=torch.full((latent_masks.shape[0],), float("nan")),
+                resize=record,
+                notes=["Masks given by the caller; localization skipped."],
+                options={"masks": "user"},
+            )
+        else:
+            localization = self.localize_concepts(source, generator=generator, **loc_config.to_dict())
+
+        with torch.no_grad():
+            # the image and its horizontal flip, encoded once each (the flip augmentation reuses them)
+            latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)])).to(self.unet.dtype)
+        device = latents.device
+        with self.progress_bar(total=learn_config.num_train_steps) as bar:
+            learned = learn_concepts(
+                tokenizer=self.tokenizer,
+                text_encoder=self.text_encoder,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                latents=latents,
+                masks=localization.latent_masks.to(device),
+                features=localization.features.to(device),
+                config=learn_config,
+                generator=generator,
+                progress=bar.update,
+                callback=callback,
+            )
+        tokens = concept_token_names(token_prefix, learned.embeddings.shape[0])
+        base_model = str(getattr(self.config, "_name_or_path", "") or "")
+        output = ConceptExpressOutput(
+            tokens=tokens,
+            embeddings=learned.embeddings,
+            localization=localization,
+            learning=learned,
+            token_prefix=token_prefix,
+            base_model=base_model,
+            parameters={"localization": localization.options, "learning": learn_config.to_dict()},
+            image=source,
+        )
+        if load:
+            self.load_concepts(output)
+        return output
+
+    def load_concepts(self, concepts: ConceptExpressOutput | str) -> list[str]:
+        """Load concepts (an :class:`ConceptExpressOutput` or a saved directory) into this pipeline.
+
+        Tokens with the same prefix that are already loaded are replaced. Returns the prompt tokens.
+        """
+        if isinstance(concepts, ConceptExpressOutput):
+            prefix, emb = concepts.token_prefix, concepts.embeddings
+            tokens = list(concepts.tokens)
+        else:
+            from pathlib import Path
+
+            from safetensors.torch import load_file
+
+            from .export import read_concepts_index
+
+            index = read_concepts_index(concepts)
+            state = load_file(str(Path(concepts) / index["file"]))
+            prefix = index["all_concepts_token"]
+            emb = state[prefix][1:]
+            tokens = [c["token"] for c in index["concepts"]]
+        existing = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
+        if existing:
+            self.unload_textual_inversion(existing)
+        joint = torch.cat([emb.mean(0, keepdim=True), emb], dim=0)
+        self.load_textual_inversion({prefix: joint.to(self.text_encoder.dtype)})
+        return tokens
+
+    # -------------------------------------------------------------- generation
+    def __call__(self, prompt=None, **kwargs):
+        """Generate images exactly like ``StableDiffusionPipeline.__call__`` (same arguments), e.g. to try
+        learned tokens: ``pipe("a photo of <ce>_1 in the snow").images[0]``."""
+        from diffusers import StableDiffusionPipeline
+
+        sd = StableDiffusionPipeline.from_pipe(
+            self, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=self.dtype
+        )
+        sd.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return sd(prompt, **kwargs)

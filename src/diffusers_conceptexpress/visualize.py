@@ -9,7 +9,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-__all__ = ["PALETTE", "heatmap", "overlay_masks"]
+__all__ = ["PALETTE", "heatmap", "image_grid", "overlay_masks"]
 
 # Distinct colours (RGB), cycled when there are more concepts.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -88,3 +88,23 @@ def heatmap(values: torch.Tensor | np.ndarray, size: tuple[int, int] | None = No
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
     img = PIL.Image.fromarray((rgb * 255).astype(np.uint8))
     return img.resize(size, PIL.Image.Resampling.BILINEAR) if size else img
+
+
+def image_grid(
+    images: Sequence[PIL.Image.Image], captions: Sequence[str] | None = None, columns: int | None = None
+) -> PIL.Image.Image:
+    """Tile images (resized to the first one's size) in a grid, with an optional caption under each."""
+    if not images:
+        raise ValueError("image_grid needs at least one image.")
+    w, h = images[0].size
+    columns = columns or len(images)
+    rows = (len(images) + columns - 1) // columns
+    band = 14 if captions else 0
+    grid = PIL.Image.new("RGB", (columns * w, rows * (h + band)), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = (i % columns) * w, (i // columns) * (h + band)
+        grid.paste(img.convert("RGB").resize((w, h)), (x, y))
+        if captions:
+            draw.text((x + 2, y + h + 1), captions[i][: max(4, w // 6)], fill=(0, 0, 0))
+    return grid

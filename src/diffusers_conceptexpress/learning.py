@@ -1,0 +1,438 @@
+"""Concept learning (method.md §2): one token embedding per concept, with split-and-merge.
+
+Only new token embeddings train; UNet, VAE and text encoder stay frozen (and unmodified, see
+:mod:`~diffusers_conceptexpress.tokens`). The clean image latent and its horizontal flip are encoded ONCE by
+the caller and passed in.
+
+Split phase (``split_steps``, authors: 100): every concept has ``tokens_per_concept`` (5) tokens, trained on
+"a photo of <token>" with the concept's mask, plus a supervised contrastive loss on the raw token embeddings
+(labels = concepts). Merge: each concept's embedding becomes the mean of its split tokens. Merged phase: the
+K tokens train on their single prompts and, with ``joint_prompt``, on "a photo of <c_1> and ... <c_K>" with
+the union mask.
+
+Loss of a prompt: masked diffusion loss + ``attention_weight`` x Sinkhorn distance between every concept
+token's cross-attention map (at the factor-``attention_factor`` layers) and the concept's soft feature map,
++ (split phase) ``contrastive_weight`` x SupCon.
+
+Schedules:
+
+- ``"faithful"``: the authors': every prompt gets its own forward, backward and optimiser step, so a run does
+  ``split_steps * T * K + (num_train_steps - split_steps) * (K + 1)`` updates (T = tokens per concept).
+- ``"fast"`` (default): all prompts of a step in ONE batched UNet call and one optimiser step per step
+  (``num_train_steps`` updates, the same UNet samples as faithful); ``max_batch_size`` splits the batch into
+  micro-batches with gradient accumulation when memory is short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from .attention import (
+    AttentionRecorder,
+    capture_attention,
+    grid_at_factor,
+    nearest_factor,
+    unet_cross_attention_factors,
+)
+from .losses import diffusion_target, grid_cost, masked_diffusion_loss, sinkhorn_distance, supcon_loss
+from .tokens import TrainableTokens, default_init_ids
+
+__all__ = ["SCHEDULES", "LearnedConcepts", "LearningConfig", "evaluate_masked_loss", "learn_concepts"]
+
+SCHEDULES = ("fast", "faithful")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class LearningConfig:
+    """Options of concept learning; defaults are the ConceptExpress authors'.
+
+    Attributes:
+        num_train_steps: training steps (500).
+        schedule: "fast" (batched, default) or "faithful" (one optimiser step per prompt, the authors').
+        split_steps: steps of the split phase (100); the merge happens after them.
+        tokens_per_concept: split tokens per concept (5); 1 disables split-and-merge.
+        learning_rate, adam_betas, weight_decay, max_grad_norm: AdamW on the embedding matrix, constant lr
+            (5e-4, (0.9, 0.999), 1e-2, 1.0).
+        contrastive_weight, contrastive_temperature: SupCon in the split phase (1e-3, 0.07).
+        attention_weight: weight of the attention alignment loss (1e-5).
+        sinkhorn_reg, sinkhorn_iters: entropic OT regularisation and log-domain iterations (1e-3, 200).
+        attention_factor: downsampling factor of the cross-attention layers aligned (4: 16x16 at 512 px);
+            the nearest factor with cross-attention is used if the UNet has none there.
+        flip_probability: horizontal flip of latent, masks and maps per step (0.5).
+        joint_prompt: train the joint prompt in the merged phase (True).
+        prompt_template: "{}" is replaced by the token(s) ("a photo of {}").
+        joint_separator: between tokens in the joint prompt (" and ").
+        mixed_precision: "no", "fp16" or "bf16" autocast for the frozen models (embeddings stay fp32).
+        max_batch_size: "fast" only: micro-batch size (None: all prompts of a step at once).
+        init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100).
+    """
+
+    num_train_steps: int = 500
+    schedule: str = "fast"
+    split_steps: int = 100
+    tokens_per_concept: int = 5
+    learning_rate: float = 5e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    contrastive_weight: float = 1e-3
+    contrastive_temperature: float = 0.07
+    attention_weight: float = 1e-5
+    sinkhorn_reg: float = 1e-3
+    sinkhorn_iters: int = 200
+    attention_factor: int = 4
+    flip_probability: float = 0.5
+    joint_prompt: bool = True
+    prompt_template: str = "a photo of {}"
+    joint_separator: str = " and "
+    mixed_precision: str = "no"
+    max_batch_size: int | None = None
+    init_offset: int = 100
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"Unknown mixed_precision {self.mixed_precision!r}; choose one of {MIXED_PRECISION}."
+            )
+        if self.num_train_steps < 1:
+            raise ValueError(f"num_train_steps must be >= 1, got {self.num_train_steps}.")
+        if self.split_steps < 0 or self.tokens_per_concept < 1:
+            raise ValueError("split_steps must be >= 0 and tokens_per_concept >= 1.")
+        if "{}" not in self.prompt_template:
+            raise ValueError(
+                f'prompt_template must contain "{{}}" for the tokens, got {self.prompt_template!r}.'
+            )
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 or None, got {self.max_batch_size}.")
+
+    def to_dict(self) -> dict:
+        """Plain-JSON view of the options."""
+        d = asdict(self)
+        d["adam_betas"] = list(d["adam_betas"])
+        return d
+
+    def num_updates(self, num_concepts: int) -> int:
+        """Optimiser updates of a run with ``num_concepts`` concepts under this schedule."""
+        return len(_plan(self, num_concepts)[0])
+
+    def num_unet_samples(self, num_concepts: int) -> int:
+        """UNet sample-passes (forward + backward of one latent) of a run."""
+        return sum(len(prompts) for prompts in _plan(self, num_concepts)[0])
+
+
+@dataclass
+class LearnedConcepts:
+    """Result of :func:`learn_concepts`.
+
+    Attributes:
+        embeddings: (K, D) float32 learned embeddings, one per concept (CPU).
+        initial_embeddings: (K, D) the mean of each concept's initial split embeddings (the merge of the
+            untrained tokens), for comparison.
+        num_updates: optimiser steps taken.
+        num_unet_samples: UNet sample-passes (one latent forward + backward each).
+        history: per training step, a dict of mean losses ("loss", "diffusion", "attention", "contrastive").
+    """
+
+    embeddings: torch.Tensor
+    initial_embeddings: torch.Tensor
+    num_updates: int
+    num_unet_samples: int
+    history: list[dict] = field(default_factory=list)
+
+
+# A prompt is a list of (concept index, token name) pairs; a step is a list of updates, each a list of prompts.
+_Prompt = list[tuple[int, str]]
+
+
+def _split_names(num_concepts: int, tokens_per_concept: int) -> list[list[str]]:
+    return [[f"<cxtrain{k}x{j}>" for j in range(tokens_per_concept)] for k in range(num_concepts)]
+
+
+def _plan(config: LearningConfig, num_concepts: int) -> tuple[list[list[_Prompt]], list[int]]:
+    """Every optimiser update of a run as its list of prompts, and the training step each belongs to."""
+    names = _split_names(num_concepts, config.tokens_per_concept)
+    split = [[(k, n)] for k in range(num_concepts) for n in names[k]]
+    merged = [[(k, names[k][0])] for k in range(num_concepts)]
+    if config.joint_prompt:  # the authors train it for K = 1 too (then it repeats the single prompt)
+        merged.append([(k, names[k][0]) for k in range(num_concepts)])
+    updates, steps = [], []
+    for step in range(config.num_train_steps):
+        prompts = split if step < config.split_steps and config.tokens_per_concept > 1 else merged
+        if config.schedule == "faithful":
+            updates += [[p] for p in prompts]
+            steps += [step] * len(prompts)
+        else:
+            updates.append(list(prompts))
+            steps.append(step)
+    return updates, steps
+
+
+def _pool_maps(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) soft maps -> (K, gh * gw) distributions on the attention grid (area pooling)."""
+    pooled = F.adaptive_avg_pool2d(maps[None].float(), grid)[0].reshape(maps.shape[0], -1)
+    return pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _autocast(device: torch.device, mode: str):
+    if mode == "no":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+
+
+class _Trainer:
+    """State of one learning run (kept small: the public entry point is :func:`learn_concepts`)."""
+
+    def __init__(self, text_encoder, unet, scheduler, latents, masks, features, config, tokens, generator):
+        self.text_encoder, self.unet, self.config, self.tokens = text_encoder, unet, config, tokens
+        self.generator = generator
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        latents = latents.detach()
+        self.device = latents.device
+        h, w = latents.shape[-2:]
+        self.latent_size = (h, w)
+        self.factor = nearest_factor(unet_cross_attention_factors(unet), config.attention_factor)
+        self.grid = grid_at_factor((h, w), self.factor)
+        self.cost = grid_cost(*self.grid, device=self.device)
+        m = masks.to(self.device).float()
+        f = features.to(self.device).float()
+        # index 0: as is, 1: horizontally flipped (the encoded flipped image when given, else the flipped latent)
+        self.latents = [latents[:1], latents[1:2] if latents.shape[0] > 1 else latents[:1].flip(-1)]
+        self.masks = [m, m.flip(-1)]
+        self.targets = [_pool_maps(f, self.grid), _pool_maps(f.flip(-1), self.grid)]
+
+    def prompt_loss(self, prompts: Sequence[_Prompt], flip: int) -> tuple[torch.Tensor, dict]:
+        """Diffusion + attention loss of a batch of prompts (one UNet call); mean over prompts."""
+        cfg, tt = self.config, self.tokens
+        texts = [cfg.prompt_template.format(cfg.joint_separator.join(n for _, n in p)) for p in prompts]
+        ids = tt.encode_ids(texts).to(self.device)
+        rows = {n: int(r) for n, r in zip(tt.names, tt.token_ids, strict=True)}
+        positions = [[int((ids[b] == rows[n]).nonzero()[0]) for _, n in p] for b, p in enumerate(prompts)]
+        record = sorted({pos for ps in positions for pos in ps})
+        b = len(prompts)
+        lat = self.latents[flip].expand(b, -1, -1, -1)
+        noise = randn_tensor(lat.shape, generator=self.generator, device=self.device, dtype=lat.dtype)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator
+        ).to(self.device)
+        noisy = self.noise_scheduler.add_noise(lat, noise, t)
+        recorder = AttentionRecorder(
+            self.latent_size,
+            record_self=False,
+            cross_token_indices=record,
+            cross_factors=[self.factor],
+            cross_with_grad=True,
+        )
+        with _autocast(self.device, cfg.mixed_precision):
+            context = self.text_encoder(ids)[0]
+            with capture_attention(self.unet, recorder):
+                pred = self.unet(noisy, t, encoder_hidden_states=context.to(self.unet.dtype)).sample
+        target = diffusion_target(self.noise_scheduler, lat, noise, t)
+        mask = torch.stack([self.masks[flip][[k for k, _ in p]].amax(0) for p in prompts])[:, None]
+        diffusion = masked_diffusion_loss(pred.float(), target.float(), mask)
+        maps = recorder.cross_attention(self.factor).flatten(2)  # (B, len(record), gh * gw)
+        a, tgt, owner = [], [], []
+        for i, p in enumerate(prompts):
+            for (k, _), pos in zip(p, positions[i], strict=True):
+                a.append(maps[i, record.index(pos)])
+                tgt.append(self.targets[flip][k])
+                owner.append(i)
+        # the authors' order: target first, attention second (gradient = the attention's dual potential)
+        dist = sinkhorn_distance(
+            torch.stack(tgt), torch.stack(a), self.cost, reg=cfg.sinkhorn_reg, num_iters=cfg.sinkhorn_iters
+        )
+        owner_t = torch.tensor(owner, device=dist.device)
+        per_prompt = torch.zeros(b, device=dist.device).index_add(0, owner_t, dist)
+        per_prompt = per_prompt / torch.bincount(owner_t, minlength=b).clamp_min(1)
+        attention = per_prompt.mean()
+        loss = diffusion + cfg.attention_weight * attention
+        return loss, {"diffusion": float(diffusion.detach()), "attention": float(attention.detach())}
+
+    def contrastive_loss(self, split_names: list[list[str]]) -> torch.Tensor:
+        flat = [n for names in split_names for n in names]
+        labels = torch.tensor([k for k, names in enumerate(split_names) for _ in names], device=self.device)
+        return supcon_loss(self.tokens.rows(flat), labels, self.config.contrastive_temperature)
+
+
+def learn_concepts(
+    *,
+    tokenizer,
+    text_encoder: torch.nn.Module,
+    unet: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    masks: torch.Tensor,
+    features: torch.Tensor,
+    config: LearningConfig | None = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], object] | None = None,
+    callback: Callable[[int, int, dict], None] | None = None,
+) -> LearnedConcepts:
+    """Learn one embedding per concept.
+
+    Args:
+        tokenizer, text_encoder, unet, scheduler: the frozen SD components (left unmodified).
+        latents: (1, C, h, w) clean scaled latent of the image, encoded once; or (2, C, h, w) with the latent
+            of the horizontally flipped image second (otherwise the latent itself is flipped).
+        masks: (K, h, w) bool concept masks on the latent grid.
+        features: (K, h, w) non-negative soft maps of the concepts (e.g. localization features; for
+            user masks, the normalised masks).
+        config: :class:`LearningConfig`.
+        generator: seeds noise, timesteps and flips: same seed, same embeddings.
+        progress: called with the number of finished training steps' increment (e.g. a tqdm ``update``).
+        callback: ``callback(step, num_train_steps, logs)`` after every training step.
+    Returns:
+        :class:`LearnedConcepts`.
+    """
+    config = config or LearningConfig()
+    k = masks.shape[0]
+    if k < 1:
+        raise ValueError("Concept learning needs at least one mask.")
+    if (
+        latents.shape[0] not in (1, 2)
+        or masks.shape[1:] != latents.shape[-2:]
+        or features.shape != masks.shape
+    ):
+        raise ValueError(
+            f"latents (1 or 2, C, h, w), masks (K, h, w) and features (K, h, w) must agree; got "
+            f"{tuple(latents.shape)}, {tuple(masks.shape)}, {tuple(features.shape)}."
+        )
+    split_names = _split_names(k, config.tokens_per_concept)
+    flat_names = [n for names in split_names for n in names]
+    vocab = text_encoder.get_input_embeddings().weight.shape[0]
+    init_ids = default_init_ids(min(vocab, len(tokenizer)), len(flat_names), config.init_offset)
+    updates, steps = _plan(config, k)
+    requires_grad = {
+        n: p.requires_grad for n, p in [*text_encoder.named_parameters(), *unet.named_parameters()]
+    }
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    history: list[dict] = []
+    samples = num_updates = 0
+    try:
+        with TrainableTokens(tokenizer, text_encoder, flat_names, init_ids) as tokens:
+            initial = tokens.rows().detach().reshape(k, config.tokens_per_concept, -1).mean(1).float().cpu()
+            trainer = _Trainer(
+                text_encoder, unet, scheduler, latents, masks, features, config, tokens, generator
+            )
+            optimizer = torch.optim.AdamW(
+                [tokens.weight],
+                lr=config.learning_rate,
+                betas=config.adam_betas,
+                weight_decay=config.weight_decay,
+            )
+            merged = False
+            flip = 0
+            logs: dict = {}
+            for u, (prompts, step) in enumerate(zip(updates, steps, strict=True)):
+                first_of_step = u == 0 or steps[u - 1] != step
+                if first_of_step:
+                    if step >= config.split_steps and not merged:
+                        _merge(tokens, split_names)
+                        merged = True
+                    flip = int(float(torch.rand(1, generator=generator)) < config.flip_probability)
+                    logs = {"loss": 0.0, "diffusion": 0.0, "attention": 0.0, "contrastive": 0.0, "prompts": 0}
+                samples += _update(trainer, optimizer, prompts, flip, split_names, merged, logs)
+                num_updates += 1
+                last_of_step = u == len(updates) - 1 or steps[u + 1] != step
+                if last_of_step:
+                    n = max(1, logs.pop("prompts"))
+                    entry = {key: value / n for key, value in logs.items()}
+                    history.append(entry)
+                    if progress is not None:
+                        progress(1)
+                    if callback is not None:
+                        callback(step, config.num_train_steps, entry)
+            if not merged:
+                _merge(tokens, split_names)
+            learned = (
+                torch.stack([tokens.rows([names[0]])[0] for names in split_names]).detach().float().cpu()
+            )
+    finally:
+        for name, param in [*text_encoder.named_parameters(), *unet.named_parameters()]:
+            param.requires_grad_(requires_grad.get(name, False))
+    return LearnedConcepts(learned, initial, num_updates, samples, history)
+
+
+def _merge(tokens: TrainableTokens, split_names: list[list[str]]) -> None:
+    """Split-and-merge: each concept's first split token takes the mean of its split tokens."""
+    with torch.no_grad():
+        for names in split_names:
+            mean = tokens.rows(names).mean(0)
+            tokens.weight[tokens.token_ids[tokens.names.index(names[0])]] = mean
+
+
+def _update(trainer: _Trainer, optimizer, prompts, flip, split_names, merged, logs) -> int:
+    """One optimiser update over ``prompts`` (micro-batched for "fast"); returns the UNet samples used."""
+    cfg = trainer.config
+    optimizer.zero_grad(set_to_none=True)
+    size = len(prompts) if cfg.max_batch_size is None else cfg.max_batch_size
+    total = 0.0
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start : start + size]
+        loss, parts = trainer.prompt_loss(chunk, flip)
+        (loss * len(chunk) / len(prompts)).backward()
+        total += float(loss.detach()) * len(chunk)
+        logs["diffusion"] += parts["diffusion"] * len(chunk)
+        logs["attention"] += parts["attention"] * len(chunk)
+    if not merged and cfg.tokens_per_concept > 1:
+        contrastive = trainer.contrastive_loss(split_names)
+        (cfg.contrastive_weight * contrastive).backward()
+        logs["contrastive"] += float(contrastive.detach()) * len(prompts)
+        total += cfg.contrastive_weight * float(contrastive.detach()) * len(prompts)
+    logs["loss"] += total
+    logs["prompts"] += len(prompts)
+    torch.nn.utils.clip_grad_norm_([trainer.tokens.weight], cfg.max_grad_norm)
+    optimizer.step()
+    trainer.tokens.restore_original_rows()
+    return len(prompts)
+
+
+@torch.no_grad()
+def evaluate_masked_loss(
+    *,
+    tokenizer,
+    text_encoder: torch.nn.Module,
+    unet: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    masks: torch.Tensor,
+    embeddings: torch.Tensor,
+    noises: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_template: str = "a photo of {}",
+) -> torch.Tensor:
+    """Masked diffusion loss of each concept's single prompt on FIXED noises and timesteps.
+
+    Args:
+        latents: (1, C, h, w); masks: (K, h, w); embeddings: (K, D) one per concept.
+        noises: (N, C, h, w) and timesteps: (N,) shared by all concepts.
+    Returns:
+        (K,) mean loss over the N noise draws, per concept.
+    """
+    k = embeddings.shape[0]
+    names = [f"<cxeval{i}>" for i in range(k)]
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    out = []
+    with TrainableTokens(tokenizer, text_encoder, names, [0] * k) as tokens:
+        tokens.weight.data[tokens.token_ids] = embeddings.to(tokens.weight)
+        for i, name in enumerate(names):
+            ids = tokens.encode_ids([prompt_template.format(name)]).to(latents.device)
+            context = text_encoder(ids)[0].to(unet.dtype)
+            n = noises.shape[0]
+            lat = latents.expand(n, -1, -1, -1)
+            noisy = noise_scheduler.add_noise(lat, noises, timesteps)
+            pred = unet(noisy, timesteps, encoder_hidden_states=context.expand(n, -1, -1)).sample
+            target = diffusion_target(noise_scheduler, lat, noises, timesteps)
+            mask = masks[i].float()[None, None].expand(n, 1, -1, -1)
+            out.append(masked_diffusion_loss(pred.float(), target.float(), mask))
+    return torch.stack(out)

@@ -141,7 +141,7 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def run_case(case: str, resolution: int, threads: int | None) -> dict:
+def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int | None = None) -> dict:
     """Measure one case in THIS process and return the numbers (MiB, seconds)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -176,7 +176,11 @@ def run_case(case: str, resolution: int, threads: int | None) -> dict:
             unet(latents, timestep, encoder_hidden_states=text)
             seconds["forward"] = time.perf_counter() - t0
         else:
-            recorder = AttentionRecorder((lat, lat), cross_token_indices=[1])
+            recorder = AttentionRecorder(
+                (lat, lat),
+                cross_token_indices=[1],
+                **({} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}),
+            )
             with capture_attention(unet, recorder):
                 unet(latents, timestep, encoder_hidden_states=text)
             seconds["forward"] = time.perf_counter() - t0
@@ -237,9 +241,16 @@ def run_case(case: str, resolution: int, threads: int | None) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- parent side
+def chunk_kwargs(args: argparse.Namespace) -> dict:
+    """Recorder keyword arguments for --chunk-mib (none: the library default)."""
+    return {} if args.chunk_mib is None else {"chunk_bytes": int(args.chunk_mib * 2**20)}
+
+
 def spawn_case(case: str, args: argparse.Namespace) -> dict:
     """Run one case in a fresh interpreter; its JSON is the last line of its stdout."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--resolution", str(args.resolution)]
+    if args.chunk_mib is not None:
+        cmd += ["--chunk-mib", str(args.chunk_mib)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     print(f"running {CASES[case]} ...", flush=True)
@@ -359,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch.set_num_threads in each case (default: torch's)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=None,
+        help="AttentionRecorder chunk_bytes in MiB (default: the library's)",
+    )
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 64:
@@ -367,7 +384,12 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     if args.case is not None:
-        print(json.dumps(run_case(args.case, args.resolution, args.threads)), flush=True)
+        print(
+            json.dumps(
+                run_case(args.case, args.resolution, args.threads, chunk_kwargs(args).get("chunk_bytes"))
+            ),
+            flush=True,
+        )
         return
 
     results = {case: spawn_case(case, args) for case in CASES}  # one after the other, never in parallel

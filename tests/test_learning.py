@@ -149,3 +149,17 @@ def test_config_validation():
         LearningConfig(prompt_template="a photo")
     with pytest.raises(ValueError, match="mixed_precision"):
         LearningConfig(mixed_precision="fp8")
+
+
+def test_mixed_precision_and_half_precision_text_encoder(components_factory):
+    pipe = ConceptExpressPipeline(**components_factory("sd2"))
+    result = run(
+        pipe, LearningConfig(num_train_steps=2, split_steps=1, mixed_precision="bf16", sinkhorn_iters=2)
+    )
+    assert result.embeddings.dtype == torch.float32 and torch.isfinite(result.embeddings).all()
+    pipe.text_encoder.to(torch.bfloat16)  # a half-precision text encoder still trains fp32 embeddings
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    result = run(pipe, LearningConfig(num_train_steps=2, split_steps=1, sinkhorn_iters=2))
+    assert result.embeddings.dtype == torch.float32 and torch.isfinite(result.embeddings).all()
+    assert not torch.equal(result.embeddings, result.initial_embeddings)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)

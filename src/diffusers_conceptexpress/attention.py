@@ -127,7 +127,7 @@ class AttentionRecorder:
         cross_factors: Sequence[int] | None = None,
         cross_include_mid: bool = False,
         cross_with_grad: bool = False,
-        chunk_bytes: int = 8 * 2**20,
+        chunk_bytes: int = 2 * 2**20,
     ) -> None:
         if self_weighting not in SELF_ATTENTION_WEIGHTINGS:
             raise ValueError(

@@ -83,13 +83,16 @@ def _check_new_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def sample_grid(pipe, tokens: list[str], *, seed: int, steps: int, guidance: float) -> tuple:
-    """Images of every concept alone and of the joint prompt, as a grid with the prompts as captions."""
+def sample_grid(
+    pipe, tokens: list[str], *, seed: int, steps: int, guidance: float, extra_prompts: tuple[str, ...] = ()
+) -> tuple:
+    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid."""
     from .visualize import image_grid
 
     prompts = [f"a photo of {t}" for t in tokens]
     if len(tokens) > 1:
         prompts.append("a photo of " + " and ".join(tokens))
+    prompts += list(extra_prompts)
     images = [
         pipe(
             p,
@@ -150,6 +153,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SCENE = 3
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole method on the shipped toy model, offline: scene -> concepts -> files and generations."""
+    from .atomic import atomic_directory
+    from .pipeline import ConceptExpressPipeline
+    from .toyworld import model_path, render_scene
+
+    out = Path(args.out)
+    _check_new_dir(out, args.overwrite)
+    scene = render_scene(args.scene)
+    pipe = ConceptExpressPipeline.from_pretrained(model_path())
+    print(f"Scene {args.scene}: {scene.caption} ({len(scene.objects)} object(s)); extracting concepts ...")
+    result = pipe.extract_concepts(
+        scene.image, num_train_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)
+    )
+    present = {(o["color"], o["shape"]) for o in scene.objects}
+    other = next(
+        f"a {c} {s}"
+        for c in ("blue", "red", "green", "yellow")
+        for s in ("star", "circle")
+        if (c, s) not in present
+    )
+    context = f"a photo of {result.tokens[0]} and {other}"
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        scene.image.save(tmp / "scene.png")
+        result.save(tmp / "concepts", overwrite=True)
+        grid, prompts = sample_grid(
+            pipe, result.tokens, seed=args.seed, steps=25, guidance=5.0, extra_prompts=(context,)
+        )
+        grid.resize((grid.width * 2, grid.height * 2)).save(tmp / "samples.png")
+        (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}")
+    print(f"  source scene     {out / 'scene.png'}")
+    print(f"  masks + overlay  {out / 'concepts' / 'overlay.png'}")
+    print(
+        f"  concept files    {out / 'concepts' / 'concepts.safetensors'} (+ concept_k.safetensors, concepts.json)"
+    )
+    print(f"  generations      {out / 'samples.png'} (prompts in {out / 'prompts.txt'})")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers folder or model id of a Stable Diffusion model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
@@ -175,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the sample grid")
     ext.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ext.set_defaults(func=cmd_extract)
+
+    demo = sub.add_parser("demo", help="run the whole method offline on the shipped toy model")
+    demo.add_argument("--out", default="conceptexpress-demo", help="output directory (default: %(default)s)")
+    demo.add_argument("--scene", type=int, default=DEMO_SCENE, help="toy scene number (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=500, help="training steps (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate an image with extracted concepts")
     gen.add_argument("--concepts", required=True, help="a directory written by `conceptexpress extract`")

@@ -78,7 +78,7 @@ class LocalizationConfig:
     min_clusters: int = 10
     eot_threshold: float = 1.0
     post_clustering: bool = True
-    chunk_bytes: int = 8 * 2**20
+    chunk_bytes: int = 2 * 2**20
 
     def __post_init__(self) -> None:
         if self.method not in LOCALIZERS:

@@ -336,8 +336,15 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         learned tokens: ``pipe("a photo of <ce>_1 in the snow").images[0]``."""
         from diffusers import StableDiffusionPipeline
 
-        sd = StableDiffusionPipeline.from_pipe(
-            self, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=self.dtype
-        )
+        sd = getattr(self, "_generation_pipeline", None)
+        if sd is None:  # built once; it shares every module (and the loaded tokens) with this pipeline
+            sd = StableDiffusionPipeline.from_pipe(
+                self,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                dtype=self.dtype,
+            )
+            self._generation_pipeline = sd
         sd.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return sd(prompt, **kwargs)

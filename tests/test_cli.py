@@ -77,7 +77,7 @@ def test_extract_writes_documented_files_and_generate_uses_them(model_dir, image
     assert {"concepts.safetensors", "concepts.json", "overlay.png", "samples.png"} <= names
     assert all(f"concept_{i}.safetensors" in names and f"mask_{i}.png" in names for i in range(1, k + 1))
     grid = Image.open(out / "samples.png")
-    assert grid.width == 32 * (k + (1 if k > 1 else 0))
+    assert grid.width == 128 * (k + (1 if k > 1 else 0))  # 32-px samples enlarged x4 for reading
     assert "<ce>_1" in capsys.readouterr().out
     png = tmp_path / "gen.png"
     gen = ["generate", "--concepts", str(out), "--model", str(model_dir), "--prompt", "a photo of <ce>_1"]

@@ -158,6 +158,8 @@ DEMO_SCENE = 3
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole method on the shipped toy model, offline: scene -> concepts -> files and generations."""
+    import PIL.Image
+
     from .atomic import atomic_directory
     from .pipeline import ConceptExpressPipeline
     from .toyworld import model_path, render_scene
@@ -184,11 +186,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         grid, prompts = sample_grid(
             pipe, result.tokens, seed=args.seed, steps=25, guidance=5.0, extra_prompts=(context,)
         )
-        grid.resize((grid.width * 2, grid.height * 2)).save(tmp / "samples.png")
+        grid.save(tmp / "samples.png")
+        overlay = PIL.Image.open(tmp / "concepts" / "overlay.png")
+        if overlay.width < 256:  # the toy images are 64 px: also write an enlarged copy to look at
+            overlay.resize((256, 256 * overlay.height // overlay.width), PIL.Image.Resampling.NEAREST).save(
+                tmp / "overlay_large.png"
+            )
         (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}")
     print(f"  source scene     {out / 'scene.png'}")
-    print(f"  masks + overlay  {out / 'concepts' / 'overlay.png'}")
+    print(f"  masks + overlay  {out / 'concepts' / 'overlay.png'} (enlarged: {out / 'overlay_large.png'})")
     print(
         f"  concept files    {out / 'concepts' / 'concepts.safetensors'} (+ concept_k.safetensors, concepts.json)"
     )

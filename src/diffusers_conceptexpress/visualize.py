@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,20 +92,30 @@ def heatmap(values: torch.Tensor | np.ndarray, size: tuple[int, int] | None = No
 
 
 def image_grid(
-    images: Sequence[PIL.Image.Image], captions: Sequence[str] | None = None, columns: int | None = None
+    images: Sequence[PIL.Image.Image],
+    captions: Sequence[str] | None = None,
+    columns: int | None = None,
+    min_size: int = 128,
 ) -> PIL.Image.Image:
-    """Tile images (resized to the first one's size) in a grid, with an optional caption under each."""
+    """Tile images in a grid, each with its caption (wrapped) underneath.
+
+    Images are resized to the first one's size; small images (toy models) are enlarged with nearest
+    neighbour so the smaller side is at least ``min_size`` pixels and captions stay readable.
+    """
     if not images:
         raise ValueError("image_grid needs at least one image.")
     w, h = images[0].size
+    scale = max(1, -(-min_size // min(w, h)))
+    w, h = w * scale, h * scale
     columns = columns or len(images)
     rows = (len(images) + columns - 1) // columns
-    band = 14 if captions else 0
+    wrapped = [textwrap.wrap(c, width=max(8, w // 6)) or [""] for c in captions] if captions else None
+    band = 11 * max(len(lines) for lines in wrapped) + 4 if wrapped else 0
     grid = PIL.Image.new("RGB", (columns * w, rows * (h + band)), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         x, y = (i % columns) * w, (i // columns) * (h + band)
-        grid.paste(img.convert("RGB").resize((w, h)), (x, y))
-        if captions:
-            draw.text((x + 2, y + h + 1), captions[i][: max(4, w // 6)], fill=(0, 0, 0))
+        grid.paste(img.convert("RGB").resize((w, h), PIL.Image.Resampling.NEAREST), (x, y))
+        if wrapped:
+            draw.multiline_text((x + 2, y + h + 2), "\n".join(wrapped[i]), fill=(0, 0, 0), spacing=1)
     return grid

@@ -93,3 +93,15 @@ def test_extract_missing_image_and_bad_concepts_dir(model_dir, tmp_path, capsys)
     code = main(["generate", "--concepts", str(tmp_path), "--model", str(model_dir), "--prompt", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "concepts.json" in err[0]
+
+
+def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    for name in ("scene.png", "samples.png", "overlay_large.png", "prompts.txt"):
+        assert (out / name).is_file()
+    index = json.loads((out / "concepts" / "concepts.json").read_text())
+    assert index["concepts"] and (out / "concepts" / "concepts.safetensors").is_file()
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    assert prompts[0] == "a photo of <ce>_1" and " and a " in prompts[-1]  # a changed context
+    assert str(out / "samples.png") in capsys.readouterr().out

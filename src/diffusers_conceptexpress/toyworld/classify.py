@@ -1,0 +1,213 @@
+"""Shape, colour and texture of the main object of toy-world images, by a small shipped CNN.
+
+The classifier (about 60k parameters, fp16 safetensors under ``model/classifier/``) is trained on fresh
+single-object renders with blur, noise and colour-jitter augmentation so that it also reads the (softer)
+pictures the toy diffusion model generates. Reproduce it with::
+
+    python -m diffusers_conceptexpress.toyworld.classify --train --steps 2500 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .scenes import COLORS, IMAGE_SIZE, SHAPES, TEXTURES, render_scene
+
+__all__ = ["ToyClassifier", "classifier_path", "classify", "load_classifier", "train_classifier"]
+
+
+def classifier_path() -> Path:
+    return Path(__file__).resolve().parent / "model" / "classifier"
+
+
+class ToyClassifier(nn.Module):
+    """CNN with three heads: shape (6), colour (8), texture (2)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        ch = [width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        for a, b in itertools.pairwise(ch):  # 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict(
+            {
+                "shape": nn.Linear(2 * ch[-1], len(SHAPES)),
+                "color": nn.Linear(2 * ch[-1], len(COLORS)),
+                "texture": nn.Linear(2 * ch[-1], len(TEXTURES)),
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x)
+        h = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    arr = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)) for im in images]
+    x = torch.from_numpy(np.stack(arr).astype(np.float32) / 127.5 - 1.0)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+@lru_cache(maxsize=1)
+def load_classifier() -> ToyClassifier:
+    from safetensors.torch import load_file
+
+    path = classifier_path()
+    config = json.loads((path / "config.json").read_text())
+    model = ToyClassifier(width=config["width"])
+    state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(images: list[Image.Image]) -> list[dict]:
+    """Shape, colour and texture of the main (largest) object of each image.
+
+    Returns:
+        one dict per image: {"shape", "color", "texture", "confidence"} (confidence = product of the three
+        top softmax probabilities).
+    """
+    if not images:
+        return []
+    model = load_classifier()
+    out = []
+    for start in range(0, len(images), 256):
+        logits = model(_to_tensor(list(images[start : start + 256])))
+        probs = {k: v.softmax(-1) for k, v in logits.items()}
+        for i in range(next(iter(probs.values())).shape[0]):
+            p_s, s = probs["shape"][i].max(0)
+            p_c, c = probs["color"][i].max(0)
+            p_t, t = probs["texture"][i].max(0)
+            out.append(
+                {
+                    "shape": SHAPES[int(s)],
+                    "color": COLORS[int(c)],
+                    "texture": TEXTURES[int(t)],
+                    "confidence": float(p_s * p_c * p_t),
+                }
+            )
+    return out
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    b = x.shape[0]
+    # random blur (generated pictures are softer than renders)
+    sigma = torch.rand(b, generator=g) * 1.2
+    k = torch.arange(-3, 4, dtype=torch.float32)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(0.05) ** 2))
+    kern = kern / kern.sum(1, keepdim=True)  # (b, 7)
+    xb = x.reshape(1, b * 3, IMAGE_SIZE, IMAGE_SIZE)
+    kx = kern.repeat_interleave(3, 0)[:, None, None, :]
+    ky = kern.repeat_interleave(3, 0)[:, None, :, None]
+    xb = F.conv2d(F.pad(xb, (3, 3, 0, 0), mode="replicate"), kx, groups=b * 3)
+    xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), ky, groups=b * 3)
+    x = xb.reshape(b, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # brightness / contrast / per-channel jitter and pixel noise
+    x = x * (1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))
+    x = x + 0.08 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
+    x = x + 0.05 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.clamp(-1, 1)
+
+
+def _batch(seeds) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    scenes = [render_scene(int(s), num_objects=1) for s in seeds]
+    x = _to_tensor([s.image for s in scenes])
+    y = {
+        "shape": torch.tensor([SHAPES.index(s.objects[0]["shape"]) for s in scenes]),
+        "color": torch.tensor([COLORS.index(s.objects[0]["color"]) for s in scenes]),
+        "texture": torch.tensor([TEXTURES.index(s.objects[0]["texture"]) for s in scenes]),
+    }
+    return x, y
+
+
+def train_classifier(steps: int = 2500, batch: int = 64, seed: int = 0, out: Path | None = None) -> dict:
+    """Train on fresh single-object renders (seeds from 2e9 upwards, never used elsewhere); save fp16."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = ToyClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        x, y = _batch(2_000_000_000 + rng.integers(0, 10**8, batch))
+        logits = model(_augment(x, g))
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            print(json.dumps({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1)}))
+    model.eval()
+    # held-out accuracy on fresh renders (seeds 3e9..), clean
+    x, y = _batch(range(3_000_000_000, 3_000_001_000))
+    with torch.no_grad():
+        logits = model(x)
+    pred = {k: v.argmax(-1) for k, v in logits.items()}
+    both = ((pred["shape"] == y["shape"]) & (pred["color"] == y["color"])).float().mean().item()
+    metrics = {k: (pred[k] == y[k]).float().mean().item() for k in pred} | {"shape_and_color": both}
+    out = out or classifier_path()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.half().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "width": 16,
+                "shapes": list(SHAPES),
+                "colors": list(COLORS),
+                "textures": list(TEXTURES),
+                "steps": steps,
+                "batch": batch,
+                "seed": seed,
+                "train_seconds": round(time.time() - t0, 1),
+                "heldout_accuracy": metrics,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train the toy-world classifier.")
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.train:
+        print(train_classifier(args.steps, args.batch, args.seed, Path(args.out) if args.out else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,711 @@
+"""Train the toy-world text-to-image model from scratch on this CPU (or a GPU), in resumable stages.
+
+Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage is skipped):
+
+1. ``vae``: AutoencoderKL (32, 64), factor 2, 4 latent channels, trained on random 32x32 crops of scenes
+   (fully convolutional, so it transfers to 64x64); its ``scaling_factor`` is set to 1 / the measured latent
+   std.
+2. ``pool``: render ``--pool`` scenes, encode them once (posterior mean) and tokenize their captions.
+3. ``clip``: CLIP-style contrastive pretraining of the text encoder (CLIPTextModel, 64-d, 3 layers) against a
+   small CNN image encoder on the scenes; captions use the method's template ("a photo of a red circle and a
+   blue star"). The [EOT] state of the EMPTY prompt is pulled towards the mean image embedding (generic
+   "objects"), which is what the method's background filter relies on.
+4. ``unet``: UNet2DConditionModel on the 32x32 latent, attention at 32/16/8 (none at 4x4), with the text
+   encoder FROZEN (as SD trained on a frozen CLIP). Epsilon prediction, SD's scaled-linear betas, 10%
+   empty captions (classifier-free guidance), horizontal flips, EMA weights. Every ``--diag-every`` steps it
+   logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
+   ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
+5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
+
+Example (the shipped model)::
+
+    python -m diffusers_conceptexpress.toyworld.train --run-dir .toyworld-runs/main --threads 1 \
+        --unet-minutes 75 --out src/diffusers_conceptexpress/toyworld/model
+
+Logs go to ``<run-dir>/log.jsonl`` (one JSON object per line) and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import WORDS
+from .scenes import IMAGE_SIZE, render_scene
+
+LATENT = IMAGE_SIZE // 2
+TEXT_DIM = 64
+MAX_LEN = 77
+SEED_OFFSET_TRAIN = 1_000_000  # training scenes use seeds >= this; held-out / test scenes use small seeds
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(itertools.pairwise(symbols))]
+        best, i = min(pairs)
+        if best == math.inf:
+            break
+        first, second = symbols[i], symbols[i + 1]
+        out, j = [], 0
+        while j < len(symbols):
+            if j < len(symbols) - 1 and symbols[j] == first and symbols[j + 1] == second:
+                out.append(first + second)
+                j += 2
+            else:
+                out.append(symbols[j])
+                j += 1
+        symbols = out
+    return symbols
+
+
+def word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges that make every word ONE token, found by simulating BPE with the merges so far."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for word in words:
+            symbols = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+            if len(symbols) > 1:
+                pair = (symbols[0], symbols[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                changed = True
+    return merges
+
+
+def build_tokenizer(directory: str | Path):
+    """Byte-level CLIP BPE tokenizer where every toy word is one token; pads with "!" (id 0) like SD 2.x."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    merges = word_merges(WORDS)
+    vocab_list = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = CLIPTokenizer(
+        vocab=str(directory / "vocab.json"),
+        merges=str(directory / "merges.txt"),
+        pad_token="!",
+        model_max_length=MAX_LEN,
+    )
+    tok.save_pretrained(directory)
+    return tok
+
+
+# ------------------------------------------------------------------------------ models
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=4 * TEXT_DIM,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LEN,
+            hidden_act="gelu",
+            projection_dim=TEXT_DIM,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,  # 32x32, 16x16, 8x8 (no 4x4 level)
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(1, 2, 2),  # number of heads per level (diffusers' legacy name)
+        cross_attention_dim=TEXT_DIM,
+        norm_num_groups=16,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+class ImageEncoder(nn.Module):
+    """Small CNN for the contrastive stage (not shipped)."""
+
+    def __init__(self, dim: int = TEXT_DIM) -> None:
+        super().__init__()
+        ch = [3, 32, 64, 96, 128]
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(ch):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
+            layers += [nn.Conv2d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(ch[-1] * 2, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+
+# ----------------------------------------------------------------------------- helpers
+class Logger:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "log.jsonl"
+        self.t0 = time.time()
+
+    def __call__(self, **record) -> None:
+        record = {"time": time.strftime("%H:%M:%S"), **record}
+        line = json.dumps(record)
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def save_ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def scene_batch(seeds) -> tuple[torch.Tensor, list[str]]:
+    scenes = [render_scene(int(s)) for s in seeds]
+    return to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+# ------------------------------------------------------------------------------- stages
+def stage_vae(args, run_dir: Path, log: Logger) -> None:
+    ckpt = run_dir / "vae.pt"
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        if state.get("done"):
+            return
+    rng = np.random.default_rng(args.seed + step)
+    torch.manual_seed(args.seed + step)
+    vae.train()
+    t0 = time.time()
+    while step < args.vae_steps:
+        seeds = SEED_OFFSET_TRAIN + rng.integers(0, 10**8, args.vae_batch)
+        x, _ = scene_batch(seeds)
+        ox, oy = rng.integers(0, IMAGE_SIZE - 32 + 1, 2)
+        x = x[:, :, oy : oy + 32, ox : ox + 32]
+        lr = (
+            1e-3
+            * min(1.0, (step + 1) / 100)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0 or step == args.vae_steps:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+            log(
+                stage="vae",
+                step=step,
+                loss=round(loss.item(), 5),
+                psnr=round(psnr, 2),
+                s=round(time.time() - t0, 1),
+            )
+        if step % 200 == 0:
+            save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step)
+    # measure the latent std on full 64x64 scenes
+    vae.eval()
+    with torch.no_grad():
+        x, _ = scene_batch(range(SEED_OFFSET_TRAIN - 5000, SEED_OFFSET_TRAIN - 4744))
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+    scaling = 1.0 / z.std().item()
+    psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+    log(
+        stage="vae",
+        done=True,
+        latent_std=round(z.std().item(), 4),
+        scaling_factor=round(scaling, 4),
+        psnr_64=round(psnr, 2),
+    )
+    save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, done=True, scaling=scaling)
+
+
+def load_vae(run_dir: Path):
+    state = torch.load(run_dir / "vae.pt", weights_only=False)
+    vae = make_vae()
+    vae.load_state_dict(state["model"])
+    vae.register_to_config(scaling_factor=float(state["scaling"]))
+    return vae.eval().requires_grad_(False)
+
+
+def stage_pool(args, run_dir: Path, log: Logger) -> None:
+    path = run_dir / "pool.pt"
+    if path.exists():
+        return
+    vae = load_vae(run_dir)
+    tokenizer = build_tokenizer(run_dir / "tokenizer")
+    lat, ids, images = [], [], []
+    t0 = time.time()
+    for start in range(0, args.pool, 256):
+        seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(args.pool, start + 256))
+        x, caps = scene_batch(seeds)
+        with torch.no_grad():
+            lat.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half())
+        ids.append(tokenizer(caps, padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
+        images.append(((x + 1) * 127.5).round().to(torch.uint8))
+    log(stage="pool", n=args.pool, s=round(time.time() - t0, 1))
+    save_ckpt(path, latents=torch.cat(lat), ids=torch.cat(ids), images=torch.cat(images))
+
+
+def stage_clip(args, run_dir: Path, log: Logger) -> None:
+    ckpt = run_dir / "clip.pt"
+    tokenizer = build_tokenizer(run_dir / "tokenizer")
+    text = make_text_encoder(tokenizer)
+    image_enc = ImageEncoder()
+    proj = nn.Linear(TEXT_DIM, TEXT_DIM, bias=False)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*text.parameters(), *image_enc.parameters(), *proj.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=args.clip_lr, weight_decay=0.05)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        text.load_state_dict(state["text"])
+        image_enc.load_state_dict(state["image"])
+        proj.load_state_dict(state["proj"])
+        logit_scale.data.copy_(state["logit_scale"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        if state.get("done"):
+            return
+    pool = torch.load(run_dir / "pool.pt", weights_only=False)
+    images, ids = pool["images"], pool["ids"]
+    n = images.shape[0]
+    clip_len = 24  # captions are at most 19 tokens; positions >= 24 only ever hold padding
+    empty = tokenizer([""], padding="max_length", max_length=clip_len, return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(args.seed + 1 + step)
+    text.train()
+    image_enc.train()
+    t0 = time.time()
+
+    def pooled(tok_ids: torch.Tensor) -> torch.Tensor:
+        hidden = text(tok_ids).last_hidden_state
+        pos = (tok_ids == eos).int().argmax(-1)
+        return hidden[torch.arange(hidden.shape[0]), pos]
+
+    while step < args.clip_steps:
+        idx = torch.randint(0, n, (args.clip_batch,), generator=g)
+        x = images[idx].float() / 127.5 - 1.0
+        if torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        tok = ids[idx, :clip_len]
+        lr = (
+            args.clip_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.clip_steps))
+        )
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        t_emb = F.normalize(proj(pooled(torch.cat([tok, empty]))), dim=-1)
+        t_emb, e_emb = t_emb[:-1], t_emb[-1]
+        i_emb = F.normalize(image_enc(x), dim=-1)
+        logits = logit_scale.exp().clamp(max=100) * t_emb @ i_emb.T
+        same = (tok[:, None, :] == tok[None, :, :]).all(-1).float()  # identical captions are all positives
+        target = same / same.sum(1, keepdim=True)
+        loss_c = 0.5 * (
+            -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean()
+        )
+        generic = F.normalize(i_emb.mean(0).detach(), dim=-1)
+        loss_e = 1 - (e_emb * generic).sum()
+        loss = loss_c + 0.5 * loss_e
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0 or step == args.clip_steps:
+            acc = (logits.argmax(1) == torch.arange(len(idx))).float()
+            acc = (same[torch.arange(len(idx)), logits.argmax(1)] > 0).float().mean().item()
+            log(
+                stage="clip",
+                step=step,
+                loss=round(loss_c.item(), 4),
+                empty_cos=round(1 - loss_e.item(), 3),
+                t2i_acc=round(acc, 3),
+                scale=round(logit_scale.exp().item(), 1),
+                s=round(time.time() - t0, 1),
+            )
+        if step % 200 == 0 or step == args.clip_steps:
+            save_ckpt(
+                ckpt,
+                text=text.state_dict(),
+                image=image_enc.state_dict(),
+                proj=proj.state_dict(),
+                logit_scale=logit_scale.data,
+                opt=opt.state_dict(),
+                step=step,
+                done=step >= args.clip_steps,
+            )
+
+
+def load_text_encoder(run_dir: Path):
+    tokenizer = build_tokenizer(run_dir / "tokenizer")
+    text = make_text_encoder(tokenizer)
+    text.load_state_dict(torch.load(run_dir / "clip.pt", weights_only=False)["text"])
+    return tokenizer, text.eval().requires_grad_(False)
+
+
+def assemble_pipeline(run_dir: Path, unet, cls=None):
+    from diffusers_conceptexpress import ConceptExpressPipeline
+
+    cls = cls or ConceptExpressPipeline
+    tokenizer, text = load_text_encoder(run_dir)
+    return cls(
+        vae=load_vae(run_dir), text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler()
+    )
+
+
+def attention_diagnostics(pipe, seeds) -> dict:
+    """EOT object/background ratio of the empty prompt and k-means (true K + background) mIoU on scenes."""
+    from scipy.optimize import linear_sum_assignment
+
+    ratios, mious = [], []
+    for s in seeds:
+        scene = render_scene(int(s), num_objects=2 + int(s) % 2)
+        res = pipe.localize_concepts(
+            scene.image,
+            method="kmeans",
+            num_concepts=len(scene.masks) + 1,
+            generator=torch.Generator().manual_seed(0),
+        )
+        eot = F.interpolate(res.eot_map[None, None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")[
+            0, 0
+        ].numpy()
+        obj = np.any(scene.masks, axis=0)
+        ratios.append(float(eot[obj].mean() / max(eot[~obj].mean(), 1e-12)))
+        preds = [np.asarray(m, dtype=bool) for m in res.masks]
+        iou = np.zeros((len(scene.masks), len(preds)))
+        for i, gt in enumerate(scene.masks):
+            for j, p in enumerate(preds):
+                iou[i, j] = (gt & p).sum() / max((gt | p).sum(), 1)
+        r, c = linear_sum_assignment(-iou)
+        mious.append(float(iou[r, c].sum() / len(scene.masks)))
+    ratios_a = np.array(ratios)
+    return {
+        "eot_ratio_mean": round(float(ratios_a.mean()), 3),
+        "eot_share_gt1": round(float((ratios_a > 1).mean()), 3),
+        "kmeans_miou": round(float(np.mean(mious)), 3),
+    }
+
+
+def stage_unet(args, run_dir: Path, log: Logger) -> None:
+    from diffusers import DDPMScheduler
+
+    ckpt = run_dir / "unet.pt"
+    unet = make_unet()
+    ema = make_unet().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    step, spent = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, spent = state["step"], state.get("spent", 0.0)
+        if state.get("done"):
+            return
+    tokenizer, text = load_text_encoder(run_dir)
+    pool = torch.load(run_dir / "pool.pt", weights_only=False)
+    latents, ids = pool["latents"], pool["ids"]
+    del pool
+    with torch.no_grad():
+        cond = torch.cat([text(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
+        empty = text(tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
+        empty = empty.last_hidden_state
+    noise_sched = DDPMScheduler.from_config(make_scheduler().config)
+    acp = noise_sched.alphas_cumprod
+    n = latents.shape[0]
+    g = torch.Generator().manual_seed(args.seed + 2 + step)
+    diag_seeds = list(range(100, 100 + args.diag_scenes))
+    budget = args.unet_minutes * 60.0
+    if args.unet_until:  # wall-clock deadline "HH:MM" (UTC, today): stop then whatever the step count
+        hh, mm = (int(v) for v in args.unet_until.split(":"))
+        now = time.gmtime()
+        left = (hh * 3600 + mm * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
+        budget = min(budget, spent + max(0.0, left))
+    t_start = time.time() - spent
+    unet.train()
+    last_ckpt = time.time()
+    losses = []
+    while step < args.unet_steps and time.time() - t_start < budget:
+        idx = torch.randint(0, n, (args.unet_batch,), generator=g)
+        z0 = latents[idx].float()
+        flip = torch.rand(args.unet_batch, generator=g) < 0.5
+        z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+        c = cond[idx].float()
+        drop = torch.rand(args.unet_batch, generator=g) < 0.1
+        c = torch.where(drop[:, None, None], empty.expand_as(c), c)
+        t = torch.randint(0, 1000, (args.unet_batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = acp[t].sqrt()[:, None, None, None]
+        s = (1 - acp[t]).sqrt()[:, None, None, None]
+        zt = a * z0 + s * eps
+        lr = args.unet_lr * min(1.0, (step + 1) / 200)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        pred = unet(zt, t, encoder_hidden_states=c).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=False):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(
+                stage="unet",
+                step=step,
+                loss=round(float(np.mean(losses)), 5),
+                lr=lr,
+                min=round((time.time() - t_start) / 60, 2),
+            )
+            losses = []
+        if step % args.diag_every == 0:
+            ema.eval()
+            pipe = assemble_pipeline(run_dir, ema)
+            d = attention_diagnostics(pipe, diag_seeds)
+            log(stage="unet", step=step, diag=d)
+        if time.time() - last_ckpt > 300:
+            save_ckpt(
+                ckpt,
+                unet=unet.state_dict(),
+                ema=ema.state_dict(),
+                opt=opt.state_dict(),
+                step=step,
+                spent=time.time() - t_start,
+            )
+            last_ckpt = time.time()
+    ema.eval()
+    d = attention_diagnostics(assemble_pipeline(run_dir, ema), diag_seeds)
+    log(stage="unet", step=step, diag=d, done=True, min=round((time.time() - t_start) / 60, 2))
+    save_ckpt(
+        ckpt,
+        unet=unet.state_dict(),
+        ema=ema.state_dict(),
+        opt=opt.state_dict(),
+        step=step,
+        spent=time.time() - t_start,
+        done=True,
+    )
+
+
+def export(run_dir: Path, out: Path, which: str = "ema") -> None:
+    """Write the diffusers folder (float32 safetensors, ~11 MB) from the run's checkpoints.
+
+    float32 rather than fp16: ``from_pretrained`` without ``dtype`` then gives every component the same dtype
+    (transformers loads the text encoder in float32, diffusers keeps fp16 weights as fp16: a mixed pipeline
+    fails on the first matmul), and fp16 brings nothing on a CPU.
+    """
+    unet = make_unet()
+    unet.load_state_dict(torch.load(run_dir / "unet.pt", weights_only=False)[which])
+    pipe = assemble_pipeline(run_dir, unet.eval())
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # the stock StableDiffusionPipeline reads model_index.json: name it as such
+    index = json.loads((out / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionPipeline"
+    index.setdefault("safety_checker", [None, None])
+    index.setdefault("feature_extractor", [None, None])
+    index.setdefault("requires_safety_checker", False)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # transformers 4.x loads the slow CLIPTokenizer, which needs the vocab and merges files as well
+    for name in ("vocab.json", "merges.txt"):
+        (out / "tokenizer" / name).write_bytes((run_dir / "tokenizer" / name).read_bytes())
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def plot_log(run_dir: Path, out: Path) -> None:
+    """Loss curves of the stages (from log.jsonl) as one PNG, drawn with PIL (no matplotlib needed)."""
+    from PIL import Image, ImageDraw
+
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    panels = []
+    for stage, key in (("vae", "loss"), ("clip", "loss"), ("unet", "loss")):
+        pts = [(r["step"], r[key]) for r in records if r.get("stage") == stage and key in r and "step" in r]
+        if pts:
+            pts = sorted(dict(pts).items())  # a resumed stage repeats steps: keep the last value of each
+            panels.append((f"{stage} {key}", pts))
+    diag = [(r["step"], r["diag"]) for r in records if r.get("stage") == "unet" and "diag" in r]
+    if diag:
+        diag = sorted(dict(diag).items())
+        panels.append(
+            ("unet: EOT obj/bg ratio (mean, 8 scenes)", [(s, d["eot_ratio_mean"]) for s, d in diag])
+        )
+        panels.append(("unet: k-means (K+1) mIoU, 8 scenes", [(s, d["kmeans_miou"]) for s, d in diag]))
+    w, h, pad = 420, 260, 40
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (title, pts) in enumerate(panels):
+        x0 = k * w
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        log_y = "loss" in title and min(ys) > 0
+        ty = [math.log10(y) for y in ys] if log_y else ys
+        lo, hi = min(ty), max(ty)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
+
+        def sx(v: float, x0: int = x0, x_lo: float = x_lo, x_span: float = x_span) -> float:
+            return x0 + pad + (v - x_lo) / x_span * (w - 2 * pad)
+
+        def sy(v: float, lo: float = lo, hi: float = hi) -> float:
+            return h - pad - (v - lo) / (hi - lo) * (h - 2 * pad)
+
+        draw.rectangle([x0 + pad, pad, x0 + w - pad, h - pad], outline="black")
+        if len(pts) > 1:
+            draw.line([(sx(a), sy(b)) for a, b in zip(xs, ty, strict=True)], fill="blue", width=2)
+        for a, b in zip(xs, ty, strict=True):
+            draw.ellipse([sx(a) - 2, sy(b) - 2, sx(a) + 2, sy(b) + 2], fill="blue")
+        draw.text((x0 + pad, 10), title + (" (log10)" if log_y else ""), fill="black")
+        draw.text((x0 + 2, pad - 5), f"{(10**hi if log_y else hi):.3g}", fill="black")
+        draw.text((x0 + 2, h - pad - 5), f"{(10**lo if log_y else lo):.3g}", fill="black")
+        draw.text((x0 + pad, h - pad + 5), f"step {min(xs)}", fill="black")
+        draw.text((x0 + w - pad - 60, h - pad + 5), f"{max(xs)}", fill="black")
+        if "ratio" in title and lo < 1 < hi:
+            draw.line([(x0 + pad, sy(1.0)), (x0 + w - pad, sy(1.0))], fill="red")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=".toyworld-runs/main")
+    p.add_argument("--stages", default="vae,pool,clip,unet,export")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--pool", type=int, default=30000)
+    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--clip-batch", type=int, default=128)
+    p.add_argument("--clip-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=100000)
+    p.add_argument("--unet-minutes", type=float, default=75.0, help="wall-clock budget of the UNet stage")
+    p.add_argument("--unet-until", default=None, help="stop the UNet stage at this UTC time, HH:MM")
+    p.add_argument("--unet-batch", type=int, default=24)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--diag-every", type=int, default=500)
+    p.add_argument("--diag-scenes", type=int, default=8)
+    p.add_argument("--out", default=None, help="export the diffusers folder here")
+    p.add_argument("--plot", default=None, help="with stage 'plot': write the loss curves PNG here")
+    p.add_argument("--export-weights", default="ema", choices=["ema", "unet"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(run_dir)
+    log(event="start", args=vars(args))
+    stages = args.stages.split(",")
+    for name in stages:
+        if name == "vae":
+            stage_vae(args, run_dir, log)
+        elif name == "pool":
+            stage_pool(args, run_dir, log)
+        elif name == "clip":
+            stage_clip(args, run_dir, log)
+        elif name == "unet":
+            stage_unet(args, run_dir, log)
+        elif name == "export":
+            if args.out:
+                export(run_dir, Path(args.out), args.export_weights)
+                log(stage="export", out=args.out)
+        elif name == "plot":
+            plot_log(run_dir, Path(args.plot or run_dir / "loss.png"))
+        else:
+            raise SystemExit(f"unknown stage {name}")
+    log(event="end")
+
+
+if __name__ == "__main__":
+    main()

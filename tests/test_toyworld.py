@@ -1,0 +1,160 @@
+"""Toy world: scenes, tokenizer, classifier and the shipped model (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_conceptexpress.toyworld import (
+    COLORS,
+    PALETTE,
+    SHAPES,
+    WORDS,
+    classify,
+    model_path,
+    render_scene,
+)
+
+
+# ------------------------------------------------------------------------------ scenes
+def test_scene_is_deterministic_per_seed():
+    a, b = render_scene(123), render_scene(123)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.caption == b.caption and a.objects == b.objects
+    assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks, strict=True))
+    c = render_scene(124)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def _nearest_palette(rgb: np.ndarray) -> str:
+    return min(PALETTE, key=lambda name: float(np.sum((np.array(PALETTE[name]) - rgb) ** 2)))
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_masks_are_disjoint_nonempty_and_match_colours(seed):
+    scene = render_scene(seed)
+    assert scene.image.mode == "RGB" and scene.image.size == (64, 64)
+    assert 1 <= len(scene.masks) == len(scene.objects) <= 3
+    total = np.zeros((64, 64), dtype=int)
+    pixels = np.asarray(scene.image).astype(float)
+    for mask, obj in zip(scene.masks, scene.objects, strict=True):
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        assert mask.sum() >= 30
+        total += mask
+        inside = pixels[mask]
+        bright = inside[inside.sum(1) >= np.median(inside.sum(1))]  # striped objects: the light stripes
+        assert _nearest_palette(bright.mean(0)) == obj["color"]
+        assert obj["shape"] in SHAPES and obj["color"] in COLORS
+        phrase = f"{obj['color']} {'striped ' if obj['texture'] == 'striped' else ''}{obj['shape']}"
+        assert phrase in scene.caption
+    assert total.max() <= 1  # disjoint
+    assert scene.caption.startswith("a photo of a ")
+
+
+def test_scene_variety_same_colour_textures_backgrounds():
+    scenes = [render_scene(s) for s in range(200)]
+    same_colour = [
+        s for s in scenes if len(s.objects) > 1 and len({o["color"] for o in s.objects}) < len(s.objects)
+    ]
+    assert same_colour
+    for s in same_colour:
+        pairs = [(o["color"], o["shape"]) for o in s.objects]
+        assert len(set(pairs)) == len(pairs)  # same colour means a different shape
+    assert {o["texture"] for s in scenes for o in s.objects} == {"plain", "striped"}
+    assert len({s.background["kind"] for s in scenes}) == 4
+    assert {len(render_scene(s, num_objects=3).masks) for s in range(5)} == {3}
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def test_tokenizer_maps_every_toy_word_to_one_id():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(model_path(), subfolder="tokenizer")
+    vocab_size = json.loads((Path(model_path()) / "text_encoder" / "config.json").read_text())["vocab_size"]
+    ids = set()
+    for word in WORDS:
+        word_ids = tok(word, add_special_tokens=False).input_ids
+        assert len(word_ids) == 1, (word, word_ids)
+        ids.add(word_ids[0])
+    assert len(ids) == len(WORDS)
+    caption = render_scene(7).caption
+    full = tok(caption, padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(full) == 77 and max(full) < vocab_size
+    assert len(tok(caption).input_ids) == len(caption.split()) + 2
+
+
+# --------------------------------------------------------------------------- classifier
+def test_classify_accuracy_on_fresh_renders():
+    scenes = [render_scene(s, num_objects=1) for s in range(7_000_000, 7_000_400)]
+    preds = classify([s.image for s in scenes])
+    both = np.mean(
+        [
+            p["shape"] == s.objects[0]["shape"] and p["color"] == s.objects[0]["color"]
+            for p, s in zip(preds, scenes, strict=True)
+        ]
+    )
+    assert both >= 0.98, both
+    assert classify([]) == []
+
+
+# ---------------------------------------------------------------------- shipped model
+def test_shipped_model_is_small_safetensors_and_sd_shaped():
+    root = Path(model_path())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".ckpt", ".pth"}]
+    for sub in ("unet", "vae", "text_encoder"):
+        assert list((root / sub).glob("*.safetensors"))
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    assert unet["sample_size"] == 32  # the latent side: 64-px images, x2 VAE
+    assert len(unet["down_block_types"]) == 3  # attention at 32, 16, 8; none at 4x4
+    assert vae["scaling_factor"] != 0.18215
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
+def test_stable_diffusion_pipeline_loads_offline_and_generates(offline):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a photo of a red circle",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    image = out.images[0]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    assert np.asarray(image).std() > 1.0
+
+
+def test_conceptexpress_pipeline_loads_offline_and_localizes(offline):
+    from diffusers_conceptexpress import ConceptExpressPipeline
+
+    pipe = ConceptExpressPipeline.from_pretrained(model_path())
+    assert pipe.default_resolution == 64
+    scene = render_scene(10_000, num_objects=2)
+    result = pipe.localize_concepts(scene.image)
+    assert result.masks and all(m.size == (64, 64) for m in result.masks)
+    assert result.eot_map.shape == (8, 8)  # [EOT] map at downsampling factor 4, no fallback
+    assert result.options["eot_factor_used"] == 4
+    km = pipe.localize_concepts(scene.image, method="kmeans", num_concepts=3)
+    assert len(km.masks) == 3

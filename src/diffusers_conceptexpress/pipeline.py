@@ -244,8 +244,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         loc_config, learn_config = self._split_options(
             {**options, "num_train_steps": num_train_steps, "schedule": schedule}
         )
-        tokens_preview = concept_token_names(token_prefix, 1)  # validates the prefix
-        del tokens_preview
+        concept_token_names(token_prefix, 1)  # raises early on an unusable prefix
         resolution = loc_config.resolution or self.default_resolution
         self._check_resolution(resolution)
         pixels, record = prepare_image(

@@ -3,6 +3,8 @@
     conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
     conceptexpress generate --concepts DIR --model PATH_OR_ID --prompt "a photo of <ce>_1 in the snow"
     conceptexpress localize IMAGE --model PATH_OR_ID --out DIR [--method conceptexpress|finch|kmeans ...]
+    conceptexpress evaluate RESULTS_DIR [--encoder clip|dino|toy --model ID] [--samples N --pipeline PATH_OR_ID]
+    conceptexpress demo [--out DIR]
 
 Errors are one line on stderr and a non-zero exit; a failed run leaves no output directory behind.
 """
@@ -203,6 +205,130 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def concept_dirs(results: Path) -> list[Path]:
+    """``results`` itself if it is a concept directory, else its sub-directories that are (sorted by name)."""
+    if (results / "concepts.json").is_file():
+        return [results]
+    if not results.is_dir():
+        raise FileNotFoundError(f"Results directory {str(results)!r} does not exist.")
+    found = sorted(d for d in results.iterdir() if (d / "concepts.json").is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"No concept directory (with concepts.json) in {str(results)!r}: pass the --out folder of "
+            "`conceptexpress extract`, or a folder of them."
+        )
+    for d in found:
+        if not (d / "source.png").is_file():
+            raise FileNotFoundError(
+                f"{str(d)!r} has no source.png (written by extract since version 0.1.0 of this package); "
+                "copy the source image there as source.png."
+            )
+    return found
+
+
+def evaluation_samples(
+    pipe, directory: Path, *, samples: int, seed: int, steps: int, guidance: float
+) -> tuple[list[list], list]:
+    """Generations of a concept directory for evaluation, cached in ``<directory>/evaluation_samples/``.
+
+    ``samples`` images of "a photo of <c_k>" per concept (seeds ``seed .. seed + samples - 1``) and as many of
+    the joint prompt (K >= 2). The cache is reused when its settings match, else regenerated (atomically).
+    """
+    import PIL.Image
+
+    from .atomic import atomic_directory
+    from .export import load_concepts
+
+    cache = directory / "evaluation_samples"
+    settings = {"samples": samples, "seed": seed, "steps": steps, "guidance": guidance}
+    index = json.loads((directory / "concepts.json").read_text())
+    k = len(index["concepts"])
+    meta = cache / "settings.json"
+    if not (meta.is_file() and json.loads(meta.read_text()) == settings):
+        tokens = load_concepts(pipe, directory)
+        try:
+            prompts = [f"a photo of {t}" for t in tokens]
+            if k > 1:
+                prompts.append("a photo of " + " and ".join(tokens))
+            with atomic_directory(cache, overwrite=True) as tmp:
+                for p_i, prompt in enumerate(prompts):
+                    images = pipe(
+                        prompt,
+                        num_images_per_prompt=samples,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        generator=[torch.Generator().manual_seed(seed + i) for i in range(samples)],
+                    ).images
+                    name = f"concept_{p_i + 1}" if p_i < k else "joint"
+                    for i, im in enumerate(images):
+                        im.save(tmp / f"{name}_{i}.png")
+                (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+                (tmp / "settings.json").write_text(json.dumps(settings))
+        finally:
+            pipe.unload_textual_inversion([index["all_concepts_token"], *tokens])
+    load = lambda name: [PIL.Image.open(cache / f"{name}_{i}.png").convert("RGB") for i in range(samples)]  # noqa: E731
+    return [load(f"concept_{c + 1}") for c in range(k)], (load("joint") if k > 1 else [])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import PIL.Image
+
+    from .atomic import atomic_file
+    from .evaluation import ConceptSet, evaluate_concepts, make_encoder
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}.")
+    results = Path(args.results)
+    dirs = concept_dirs(results)  # validate before loading any model
+    encoder = make_encoder(args.encoder, args.model, device=args.device)
+    pipes: dict[str, object] = {}
+    sets = []
+    for d in dirs:
+        index = json.loads((d / "concepts.json").read_text())
+        base = args.pipeline or index.get("base_model")
+        if not base:
+            raise ValueError(f"{str(d)!r} does not name its base model; pass --pipeline PATH_OR_ID.")
+        if base not in pipes:
+            pipes[base] = _load_pipeline(base, args.device, args.dtype)
+        single, joint = evaluation_samples(
+            pipes[base],
+            d,
+            samples=args.samples,
+            seed=args.seed,
+            steps=args.inference_steps,
+            guidance=args.guidance,
+        )
+        masks = [PIL.Image.open(d / c["mask"]) for c in index["concepts"]]
+        source = PIL.Image.open(d / (index.get("source") or "source.png")).convert("RGB")
+        sets.append(ConceptSet(source=source, masks=masks, single=single, joint=joint, name=d.name))
+    metrics = evaluate_concepts(sets, encoder)
+    print(f"{'extraction':<28} {'K':>3} {'SIM^I':>7} {'SIM^C':>7}")
+    for row in metrics.per_set:
+        sim_c = f"{row['sim_c']:7.3f}" if "sim_c" in row else f"{'-':>7}"
+        print(
+            f"{row['name'][:28]:<28} {row['num_concepts']:>3} {sum(row['sim_i']) / len(row['sim_i']):7.3f} {sim_c}"
+        )
+    sim_c = f"{metrics.sim_c:.3f}" if metrics.sim_c is not None else "-"
+    print(
+        f"[{metrics.encoder}] {metrics.num_images} image(s), {metrics.num_concepts} concept(s): "
+        f"SIM^I {metrics.sim_i:.3f}  SIM^C {sim_c}  ACC^1 {metrics.acc1:.3f}  ACC^3 {metrics.acc3:.3f}"
+    )
+    out = Path(args.out) if args.out else results / f"evaluation_{metrics.encoder}.json"
+    report = {
+        **metrics.to_dict(),
+        "encoder_model": args.model,
+        "samples": args.samples,
+        "seed": args.seed,
+        "inference_steps": args.inference_steps,
+        "guidance": args.guidance,
+        "version": __version__,
+    }
+    with atomic_file(out, "w") as handle:
+        handle.write(json.dumps(report, indent=2))
+    print(f"Wrote {out}")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers folder or model id of a Stable Diffusion model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
@@ -245,6 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--inference-steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=7.5)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "evaluate", help="SIM^I, SIM^C, ACC^1, ACC^3 of extract outputs (the paper's metrics)"
+    )
+    ev.add_argument("results", help="a directory written by `extract`, or a folder of them")
+    ev.add_argument("--encoder", default="clip", choices=["clip", "dino", "toy"])
+    ev.add_argument(
+        "--model",
+        default=None,
+        help="encoder model id or folder (clip, dino), e.g. openai/clip-vit-base-patch32",
+    )
+    ev.add_argument(
+        "--pipeline", default=None, help="SD model that generates (default: each extraction's base model)"
+    )
+    ev.add_argument("--samples", type=int, default=8, help="generations per concept and for the joint prompt")
+    ev.add_argument("--inference-steps", type=int, default=50)
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first sample (then seed + 1, ...)")
+    ev.add_argument(
+        "--out", default=None, help="JSON report (default: RESULTS_DIR/evaluation_<encoder>.json)"
+    )
+    ev.set_defaults(func=cmd_evaluate)
 
     loc = sub.add_parser("localize", help="find the concepts of an image and write their masks")
     loc.add_argument("image", help="image file")

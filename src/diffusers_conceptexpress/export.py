@@ -10,8 +10,9 @@ Layout of a saved concept directory (K concepts, token prefix ``<p>``, default `
   loads alone with the stock loader (same token string as above) and in A1111-style tools (which name the
   token after the file).
 - ``concepts.json``: the index (tokens, files, masks, scores, base model, parameters, version).
-- ``mask_<k>.png``: each concept's mask at the original image size; ``overlay.png``: the image with the
-  coloured masks and token names.
+- ``mask_<k>.png``: each concept's mask at the original image size; ``source.png``: the source image (RGB,
+  original size; what ``conceptexpress evaluate`` compares generations with); ``overlay.png``: the image with
+  the coloured masks and token names.
 
 Every safetensors header carries the token(s) and the base model as metadata.
 """
@@ -57,7 +58,7 @@ def save_concepts(
         directory: where to write; must not exist unless ``overwrite`` (an existing EMPTY directory is fine).
         embeddings: (K, D) learned embeddings.
         masks: K masks (PIL "L"/"1") at the original image size.
-        image: the source image, for the overlay picture (optional).
+        image: the source image, saved as ``source.png`` and drawn in the overlay picture (optional).
         scores: K salience scores (e.g. EOT scores), stored in the index.
         base_model: name or path of the base model, stored in the index and the file headers.
         parameters: options of the run, stored in the index (JSON-serialisable).
@@ -96,11 +97,13 @@ def save_concepts(
             entry["score"] = None if scores is None or scores[i] is None else float(scores[i])
             entries.append(entry)
         if image is not None:
+            image.convert("RGB").save(tmp / "source.png")
             overlay_masks(image, masks, tokens).save(tmp / "overlay.png")
         index = {
             "concepts": entries,
             "all_concepts_token": token_prefix,
             "file": "concepts.safetensors",
+            "source": "source.png" if image is not None else None,
             "base_model": str(base_model),
             "embedding_dim": dim,
             "parameters": parameters or {},

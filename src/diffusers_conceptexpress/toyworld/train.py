@@ -156,18 +156,40 @@ def make_text_encoder(tokenizer):
     )
 
 
-def make_unet():
+UNET_ARCHS = ("attn-32-16-8", "attn-32-16")
+
+
+def make_unet(arch: str = "attn-32-16-8"):
+    """The toy UNet on the 32x32 latent, channels (32, 64, 64), one layer per block.
+
+    - ``"attn-32-16-8"`` (first shipped model): cross-attention blocks at 32x32, 16x16 and 8x8, mid block at
+      8x8, heads (1, 2, 2).
+    - ``"attn-32-16"``: SD's layout one level down: SD 2.x at 512 px has attention blocks at 64/32/16, a
+      plain ResNet level at 8x8 and the mid block's attention at 8x8; here attention blocks at 32/16, a plain
+      ResNet level at 8x8, mid-block attention at 8x8, head dim 16 (heads 2, 4, 4). The blurry 8x8 maps then
+      get ~30% of the authors' aggregation weight instead of 64%.
+    """
     from diffusers import UNet2DConditionModel
 
+    if arch not in UNET_ARCHS:
+        raise ValueError(f"unknown UNet architecture {arch!r}; choose one of {UNET_ARCHS}")
+    if arch == "attn-32-16-8":
+        down = ("CrossAttnDownBlock2D",) * 3  # 32x32, 16x16, 8x8 (no 4x4 level)
+        up = ("CrossAttnUpBlock2D",) * 3
+        heads = (1, 2, 2)
+    else:
+        down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+        heads = (2, 4, 4)
     return UNet2DConditionModel(
         sample_size=LATENT,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3,  # 32x32, 16x16, 8x8 (no 4x4 level)
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(1, 2, 2),  # number of heads per level (diffusers' legacy name)
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=heads,  # number of heads per level (diffusers' legacy name)
         cross_attention_dim=TEXT_DIM,
         norm_num_groups=16,
     )
@@ -473,13 +495,22 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     from diffusers import DDPMScheduler
 
     ckpt = run_dir / "unet.pt"
-    unet = make_unet()
-    ema = make_unet().requires_grad_(False)
+    unet = make_unet(args.unet_arch)
+    ema = make_unet(args.unet_arch).requires_grad_(False)
+    if args.unet_init and not ckpt.exists():
+        # warm start from another run's EMA weights: every parameter whose name and shape match
+        init = torch.load(args.unet_init, weights_only=False)["ema"]
+        own = unet.state_dict()
+        same = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
+        unet.load_state_dict(same, strict=False)
+        log(stage="unet", init=str(args.unet_init), loaded=len(same), fresh=len(own) - len(same))
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     step, spent = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("arch", "attn-32-16-8") != args.unet_arch:
+            raise SystemExit(f"{ckpt} holds a {state.get('arch', 'attn-32-16-8')} UNet, not {args.unet_arch}")
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -559,6 +590,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 opt=opt.state_dict(),
                 step=step,
                 spent=time.time() - t_start,
+                arch=args.unet_arch,
             )
             last_ckpt = time.time()
     ema.eval()
@@ -572,6 +604,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         step=step,
         spent=time.time() - t_start,
         done=True,
+        arch=args.unet_arch,
     )
 
 
@@ -582,8 +615,9 @@ def export(run_dir: Path, out: Path, which: str = "ema") -> None:
     (transformers loads the text encoder in float32, diffusers keeps fp16 weights as fp16: a mixed pipeline
     fails on the first matmul), and fp16 brings nothing on a CPU.
     """
-    unet = make_unet()
-    unet.load_state_dict(torch.load(run_dir / "unet.pt", weights_only=False)[which])
+    state = torch.load(run_dir / "unet.pt", weights_only=False)
+    unet = make_unet(state.get("arch", "attn-32-16-8"))
+    unet.load_state_dict(state[which])
     pipe = assemble_pipeline(run_dir, unet.eval())
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -673,6 +707,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-until", default=None, help="stop the UNet stage at this UTC time, HH:MM")
     p.add_argument("--unet-batch", type=int, default=24)
     p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--unet-arch", default="attn-32-16-8", choices=UNET_ARCHS)
+    p.add_argument(
+        "--unet-init", default=None, help="warm-start the UNet from this unet.pt (its EMA weights)"
+    )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--diag-every", type=int, default=500)
     p.add_argument("--diag-scenes", type=int, default=8)

@@ -234,9 +234,9 @@ def evaluation_samples(
     ``samples`` images of "a photo of <c_k>" per concept (seeds ``seed .. seed + samples - 1``) and as many of
     the joint prompt (K >= 2). The cache is reused when its settings match, else regenerated (atomically).
     """
-    import PIL.Image
 
     from .atomic import atomic_directory
+    from .evaluation import read_samples
     from .export import load_concepts
 
     cache = directory / "evaluation_samples"
@@ -266,8 +266,8 @@ def evaluation_samples(
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:
             pipe.unload_textual_inversion([index["all_concepts_token"], *tokens])
-    load = lambda name: [PIL.Image.open(cache / f"{name}_{i}.png").convert("RGB") for i in range(samples)]  # noqa: E731
-    return [load(f"concept_{c + 1}") for c in range(k)], (load("joint") if k > 1 else [])
+    single = [read_samples(cache, f"concept_{c + 1}", samples) for c in range(k)]
+    return single, (read_samples(cache, "joint", samples) if k > 1 else [])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

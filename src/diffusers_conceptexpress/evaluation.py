@@ -54,6 +54,7 @@ __all__ = [
     "make_encoder",
     "mask_metrics",
     "masked_source",
+    "read_samples",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -408,6 +409,13 @@ def evaluate_concepts(
         num_images=len(sets),
         per_set=per_set,
     )
+
+
+def read_samples(folder, name: str, count: int) -> list[PIL.Image.Image]:
+    """Load ``<folder>/<name>_<i>.png`` for i < ``count`` (the layout of cached generations) as RGB images."""
+    from pathlib import Path
+
+    return [PIL.Image.open(Path(folder) / f"{name}_{i}.png").convert("RGB") for i in range(count)]
 
 
 # ----------------------------------------------------------------------------- mask metrics

@@ -1,0 +1,351 @@
+"""The quality benchmark on the toy world: localization against ground truth, and extraction quality.
+
+    python benchmarks/toyworld.py [--scenes 50] [--parts localization,extraction] [--threads 2] [--update-docs]
+
+On ``--scenes`` fresh toy scenes (seeds 20,000 + i, 2 objects for even i and 3 for odd i) with the shipped
+toy model (or ``--model``):
+
+1. **localization** with "conceptexpress" (published defaults), plain "finch" and "kmeans" given the true
+   number of objects (K = objects, and K = objects + 1 where the background gets its own cluster): mIoU
+   (Hungarian-matched at image resolution, a missed object counts 0), precision and recall at IoU 0.5, the
+   exact-count rate, and seconds per image. ``--pictures N`` writes one PNG of the first N scenes side by
+   side (source, K-means, FINCH, ours, ground truth) to ``docs/toyworld_localizers.png``.
+2. **extraction** with ``schedule="fast"`` and ``schedule="faithful"``, each with our masks and with the
+   ground-truth masks (``masks=``): SIM^I, SIM^C, ACC^1, ACC^3 with the toy encoder, the share of
+   single-concept generations whose main object ``toyworld.classify`` reads as the ground-truth object of
+   that concept (shape and colour; with our masks, the object the concept's mask matches, an unmatched
+   concept counts as wrong), seconds per image and UNet sample-passes per image.
+
+Everything per scene is cached under ``--work`` (default ``.benchmark-runs/toyworld``, not in git; one
+sub-folder per model, named by a hash of its weights): an
+interrupted run resumes where it stopped, so the extraction part can be spread over several sessions. The
+summary goes to ``benchmarks/results/toyworld.json`` and, with ``--update-docs``, into docs/benchmarks.md
+between the ``toyworld-benchmark`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers_conceptexpress import ConceptExpressPipeline
+from diffusers_conceptexpress.atomic import atomic_file
+from diffusers_conceptexpress.evaluation import (
+    ConceptSet,
+    ToyImageEncoder,
+    evaluate_concepts,
+    mask_metrics,
+    read_samples,
+)
+from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
+from diffusers_conceptexpress.visualize import image_grid, overlay_masks
+
+LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
+VARIANTS = ("fast, our masks", "fast, GT masks", "faithful, our masks", "faithful, GT masks")
+START, END = "<!-- toyworld-benchmark:start -->", "<!-- toyworld-benchmark:end -->"
+
+
+def model_fingerprint(model: str) -> str:
+    """First 12 hex digits of the SHA-256 of the UNet and text-encoder weights of a local diffusers folder."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        for f in sorted((Path(model) / part).glob("*.safetensors")):
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def scenes(n: int, start: int) -> list[tuple[int, int]]:
+    return [(start + i, 2 + i % 2) for i in range(n)]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_file(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2))
+
+
+def localizer_options(name: str, num_objects: int) -> dict:
+    if name.startswith("kmeans"):
+        return {"method": "kmeans", "num_concepts": num_objects + (1 if "+ 1" in name else 0)}
+    return {"method": name}
+
+
+def localize_scene(pipe, seed: int, num_objects: int, name: str) -> tuple[list[np.ndarray], float]:
+    scene = render_scene(seed, num_objects=num_objects)
+    t0 = time.perf_counter()
+    res = pipe.localize_concepts(
+        scene.image, generator=torch.Generator().manual_seed(0), **localizer_options(name, num_objects)
+    )
+    return [np.asarray(m, dtype=bool) for m in res.masks], time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- 1. localization
+def run_localization(pipe, items, work: Path) -> dict:
+    rows = {name: [] for name in LOCALIZERS}
+    for i, (seed, n) in enumerate(items):
+        path = work / "localization" / f"{seed}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+        else:
+            scene = render_scene(seed, num_objects=n)
+            cached = {}
+            for name in LOCALIZERS:
+                masks, seconds = localize_scene(pipe, seed, n, name)
+                m = mask_metrics(scene.masks, masks)
+                cached[name] = {**m.to_dict(), "count": len(masks), "objects": n, "seconds": seconds}
+            _write_json(path, cached)
+        for name in LOCALIZERS:
+            rows[name].append(cached[name])
+        print(f"[localization] scene {i + 1}/{len(items)} (seed {seed}) done", file=sys.stderr)
+    summary = {}
+    for name, r in rows.items():
+        summary[name] = {
+            "miou": float(np.mean([x["miou"] for x in r])),
+            "precision": float(np.mean([x["precision"] for x in r])),
+            "recall": float(np.mean([x["recall"] for x in r])),
+            "exact_count": float(np.mean([x["count_error"] == 0 for x in r])),
+            "mean_count_error": float(np.mean([x["count_error"] for x in r])),
+            "seconds": float(np.mean([x["seconds"] for x in r])),
+            "scenes": len(r),
+        }
+    return summary
+
+
+def localizer_pictures(pipe, items, out: Path) -> None:
+    """Source, K-means (K = objects), FINCH, ours and the ground truth, one row per scene, enlarged x4."""
+    tiles, captions = [], []
+    shown = ("kmeans (K = objects)", "finch", "conceptexpress")
+    for seed, n in items:
+        scene = render_scene(seed, num_objects=n)
+        tiles.append(scene.image)
+        captions.append(f"scene {seed}")
+        for name in shown:
+            masks, _ = localize_scene(pipe, seed, n, name)
+            pil = [PIL.Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
+            tiles.append(overlay_masks(scene.image, pil))
+            captions.append({"kmeans (K = objects)": "K-means (true K)", "finch": "FINCH"}.get(name, "ours"))
+        gt = [PIL.Image.fromarray(m.astype(np.uint8) * 255) for m in scene.masks]
+        tiles.append(overlay_masks(scene.image, gt))
+        captions.append("ground truth")
+    grid = image_grid(tiles, captions, columns=len(shown) + 2)
+    with atomic_file(out) as handle:
+        grid.save(handle, format="PNG")
+
+
+# ----------------------------------------------------------------------------- 2. extraction
+def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> dict:
+    """One extraction + its generations, cached in ``work/extraction/<variant>/<seed>/``."""
+    folder = work / "extraction" / variant.replace(", ", "_").replace(" ", "-") / str(seed)
+    result_path = folder / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    scene = render_scene(seed, num_objects=n)
+    schedule = variant.split(",")[0]
+    gt = "GT" in variant
+    t0 = time.perf_counter()
+    out = pipe.extract_concepts(
+        scene.image,
+        num_train_steps=args.steps,
+        schedule=schedule,
+        masks=[m for m in scene.masks] if gt else None,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    seconds = time.perf_counter() - t0
+    masks = [np.asarray(m, dtype=bool) for m in out.localization.masks]
+    if gt:
+        targets = list(range(n))
+    else:
+        matches = mask_metrics(scene.masks, masks).matches
+        targets = [next((g for g, p, _ in matches if p == j), None) for j in range(len(masks))]
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [f"a photo of {t}" for t in out.tokens]
+    if len(out.tokens) > 1:
+        prompts.append("a photo of " + " and ".join(out.tokens))
+    for p_i, prompt in enumerate(prompts):
+        images = pipe(
+            prompt,
+            num_images_per_prompt=args.samples,
+            num_inference_steps=args.inference_steps,
+            guidance_scale=args.guidance,
+            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.samples)],
+        ).images
+        name = f"concept_{p_i + 1}" if p_i < len(out.tokens) else "joint"
+        for i, im in enumerate(images):
+            im.save(folder / f"{name}_{i}.png")
+    np.savez_compressed(folder / "masks.npz", *masks)
+    result = {
+        "seed": seed,
+        "objects": n,
+        "concepts": len(masks),
+        "targets": targets,
+        "seconds": seconds,
+        "unet_samples": out.learning.num_unet_samples,
+        "updates": out.learning.num_updates,
+        "prompts": prompts,
+    }
+    _write_json(result_path, result)
+    return result
+
+
+def summarize_extraction(items, variant: str, args, work: Path, encoder) -> dict:
+    sets, correct, total, seconds, samples = [], 0, 0, [], []
+    for seed, n in items:
+        folder = work / "extraction" / variant.replace(", ", "_").replace(" ", "-") / str(seed)
+        result = json.loads((folder / "result.json").read_text())
+        scene = render_scene(seed, num_objects=n)
+        masks = list(np.load(folder / "masks.npz").values())
+        single = [read_samples(folder, f"concept_{k + 1}", args.samples) for k in range(len(masks))]
+        joint = read_samples(folder, "joint", args.samples) if len(masks) > 1 else []
+        sets.append(ConceptSet(scene.image, masks, single, joint, name=str(seed)))
+        for k, images in enumerate(single):
+            target = result["targets"][k]
+            for read in classify(images):
+                ok = target is not None and (read["shape"], read["color"]) == (
+                    scene.objects[target]["shape"],
+                    scene.objects[target]["color"],
+                )
+                correct += int(ok)
+                total += 1
+        seconds.append(result["seconds"])
+        samples.append(result["unet_samples"])
+    metrics = evaluate_concepts(sets, encoder)
+    return {
+        "sim_i": metrics.sim_i,
+        "sim_c": metrics.sim_c,
+        "acc1": metrics.acc1,
+        "acc3": metrics.acc3,
+        "generation_correct": correct / max(total, 1),
+        "generations": total,
+        "seconds": float(np.mean(seconds)),
+        "unet_samples": float(np.mean(samples)),
+        "scenes": len(items),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(summary: dict, header: dict) -> str:
+    lines = [
+        f"Command: `{header['command']}`  ",
+        f"Date: {header['date']}; machine: {header['machine']}; model: {header['model']}; "
+        f"scenes: {header['scenes']} (seeds {header['seeds']}).",
+        "",
+    ]
+    loc = summary.get("localization")
+    if loc:
+        lines += [
+            "| localizer | mIoU | precision@0.5 | recall@0.5 | exact count | mean count error | s / image |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in loc.items():
+            lines.append(
+                f"| {name} | {r['miou']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['exact_count']:.0%} "
+                f"| {r['mean_count_error']:+.2f} | {r['seconds']:.2f} |"
+            )
+        lines.append("")
+    ext = summary.get("extraction")
+    if ext:
+        lines += [
+            "| extraction | SIM^I | SIM^C | ACC^1 | ACC^3 | generations correct | s / image | UNet samples / image | scenes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in ext.items():
+            sim_c = "-" if r["sim_c"] is None else f"{r['sim_c']:.3f}"
+            lines.append(
+                f"| {name} | {r['sim_i']:.3f} | {sim_c} | {r['acc1']:.3f} | {r['acc3']:.3f} | "
+                f"{r['generation_correct']:.0%} ({r['generations']}) | {r['seconds']:.0f} | {r['unet_samples']:.0f} "
+                f"| {r['scenes']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_docs(path: Path, table: str) -> None:
+    text = path.read_text()
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n## Toy-world quality benchmark\n\n" + block + "\n"
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy model)")
+    p.add_argument("--scenes", type=int, default=50)
+    p.add_argument("--seed-start", type=int, default=20_000)
+    p.add_argument("--parts", default="localization,extraction")
+    p.add_argument("--variants", default=",".join(v.replace(", ", "_").replace(" ", "-") for v in VARIANTS))
+    p.add_argument(
+        "--extraction-scenes", type=int, default=None, help="only the first N scenes (default: all)"
+    )
+    p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
+    p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
+    p.add_argument("--inference-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pictures", type=int, default=6, help="scenes in docs/toyworld_localizers.png (0: none)")
+    p.add_argument("--work", default=".benchmark-runs/toyworld")
+    p.add_argument("--out", default="benchmarks/results/toyworld.json")
+    p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = args.model or model_path()
+    work = Path(args.work) / model_fingerprint(model)  # caches of another model's weights are never mixed in
+    pipe = ConceptExpressPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    items = scenes(args.scenes, args.seed_start)
+    parts = args.parts.split(",")
+    out = Path(args.out)
+    summary = json.loads(out.read_text()) if out.is_file() else {}
+    if "localization" in parts:
+        summary["localization"] = run_localization(pipe, items, work)
+        if args.pictures:
+            localizer_pictures(pipe, items[: args.pictures], Path("docs/toyworld_localizers.png"))
+    if "extraction" in parts:
+        wanted = [v for v in VARIANTS if v.replace(", ", "_").replace(" ", "-") in args.variants.split(",")]
+        ext_items = items[: args.extraction_scenes] if args.extraction_scenes else items
+        encoder = ToyImageEncoder()
+        summary.setdefault("extraction", {})
+        for variant in wanted:
+            for i, (seed, n) in enumerate(ext_items):
+                r = extract_scene(pipe, seed, n, variant, args, work)
+                print(
+                    f"[{variant}] scene {i + 1}/{len(ext_items)} (seed {seed}): {r['concepts']} concept(s), "
+                    f"{r['seconds']:.0f} s",
+                    file=sys.stderr,
+                )
+            summary["extraction"][variant] = summarize_extraction(ext_items, variant, args, work, encoder)
+    cmd = "python benchmarks/toyworld.py " + " ".join(sys.argv[1:])
+    header = {
+        "command": cmd.strip(),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{args.threads} thread(s)",
+        "model": "shipped toy model" if args.model is None else args.model,
+        "scenes": args.scenes,
+        "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
+    }
+    summary["header"] = header
+    _write_json(out, summary)
+    table = markdown(summary, header)
+    print(table)
+    if args.update_docs:
+        update_docs(Path("docs/benchmarks.md"), table)
+
+
+if __name__ == "__main__":
+    main()

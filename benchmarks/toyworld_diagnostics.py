@@ -30,24 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from diffusers_conceptexpress import ConceptExpressPipeline
+from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, classify, model_path, render_scene
 
 
 def matched_miou(gt: list[np.ndarray], pred: list[np.ndarray]) -> float:
     """Hungarian-matched mean IoU over the ground-truth masks; unmatched ground truth counts 0."""
-    if not gt:
-        return float("nan")
-    if not pred:
-        return 0.0
-    iou = np.zeros((len(gt), len(pred)))
-    for i, g in enumerate(gt):
-        for j, p in enumerate(pred):
-            iou[i, j] = (g & p).sum() / max((g | p).sum(), 1)
-    r, c = linear_sum_assignment(-iou)
-    return float(iou[r, c].sum() / len(gt))
+    return mask_metrics(gt, pred).miou
 
 
 def eot_ratio(eot_map: torch.Tensor, masks: list[np.ndarray]) -> float:

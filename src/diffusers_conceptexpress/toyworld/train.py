@@ -460,7 +460,7 @@ def assemble_pipeline(run_dir: Path, unet, cls=None):
 
 def attention_diagnostics(pipe, seeds) -> dict:
     """EOT object/background ratio of the empty prompt and k-means (true K + background) mIoU on scenes."""
-    from scipy.optimize import linear_sum_assignment
+    from ..evaluation import mask_metrics
 
     ratios, mious = [], []
     for s in seeds:
@@ -476,13 +476,7 @@ def attention_diagnostics(pipe, seeds) -> dict:
         ].numpy()
         obj = np.any(scene.masks, axis=0)
         ratios.append(float(eot[obj].mean() / max(eot[~obj].mean(), 1e-12)))
-        preds = [np.asarray(m, dtype=bool) for m in res.masks]
-        iou = np.zeros((len(scene.masks), len(preds)))
-        for i, gt in enumerate(scene.masks):
-            for j, p in enumerate(preds):
-                iou[i, j] = (gt & p).sum() / max((gt | p).sum(), 1)
-        r, c = linear_sum_assignment(-iou)
-        mious.append(float(iou[r, c].sum() / len(scene.masks)))
+        mious.append(mask_metrics(scene.masks, [np.asarray(m, dtype=bool) for m in res.masks]).miou)
     ratios_a = np.array(ratios)
     return {
         "eot_ratio_mean": round(float(ratios_a.mean()), 3),

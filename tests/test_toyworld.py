@@ -158,3 +158,20 @@ def test_conceptexpress_pipeline_loads_offline_and_localizes(offline):
     assert result.options["eot_factor_used"] == 4
     km = pipe.localize_concepts(scene.image, method="kmeans", num_concepts=3)
     assert len(km.masks) == 3
+
+
+@pytest.mark.parametrize(
+    ("arch", "factors", "heads_at_32"),
+    [("attn-32-16-8", [1, 2, 4], 1), ("attn-32-16", [1, 2], 2)],
+)
+def test_toy_unet_architectures(arch, factors, heads_at_32):
+    from diffusers_conceptexpress.attention import unet_cross_attention_factors
+    from diffusers_conceptexpress.toyworld.train import make_unet
+
+    unet = make_unet(arch)
+    assert unet.config.sample_size == 32
+    assert unet_cross_attention_factors(unet) == factors
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == heads_at_32
+    assert unet.mid_block.attentions  # both keep SD's mid-block attention (at 8x8)
+    with pytest.raises(ValueError, match="unknown UNet architecture"):
+        make_unet("attn-64")

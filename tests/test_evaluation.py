@@ -119,6 +119,24 @@ def test_encoders_give_normalised_deterministic_embeddings(which):
     assert not torch.allclose(emb[0], emb[1], atol=1e-3)
 
 
+def test_make_encoder_loads_saved_models_with_their_processors(tmp_path):
+    """The user path: a model id or folder, loaded with its own image processor (here saved tiny models)."""
+    from transformers import CLIPImageProcessor, ViTImageProcessor
+
+    _tiny_clip().save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    _tiny_dino("vit").save_pretrained(tmp_path / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
+    image = render_scene(1).image
+    for kind, dim in (("clip", 24), ("dino", 32)):
+        enc = make_encoder(kind, str(tmp_path / kind))
+        assert enc.processor is not None and enc.name == kind
+        emb = enc([image, image])
+        assert emb.shape == (2, dim) and torch.allclose(emb[0], emb[1])
+
+
 def test_make_encoder_errors():
     with pytest.raises(ValueError, match="needs a model id"):
         make_encoder("clip")

@@ -234,6 +234,17 @@ def summarize_extraction(items, variant: str, args, work: Path, encoder) -> dict
 
 
 # ----------------------------------------------------------------------------- report
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table (and a blank line after it); nothing when there are no rows."""
+    if not rows:
+        return []
+    return (
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(r) + " |" for r in rows]
+        + [""]
+    )
+
+
 def markdown(summary: dict, header: dict) -> str:
     lines = [
         f"Command: `{header['command']}`  ",
@@ -241,32 +252,26 @@ def markdown(summary: dict, header: dict) -> str:
         f"scenes: {header['scenes']} (seeds {header['seeds']}).",
         "",
     ]
-    loc = summary.get("localization")
-    if loc:
-        lines += [
-            "| localizer | mIoU | precision@0.5 | recall@0.5 | exact count | mean count error | s / image |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, r in loc.items():
-            lines.append(
-                f"| {name} | {r['miou']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['exact_count']:.0%} "
-                f"| {r['mean_count_error']:+.2f} | {r['seconds']:.2f} |"
-            )
-        lines.append("")
-    ext = summary.get("extraction")
-    if ext:
-        lines += [
-            "| extraction | SIM^I | SIM^C | ACC^1 | ACC^3 | generations correct | s / image | UNet samples / image | scenes |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in ext.items():
-            sim_c = "-" if r["sim_c"] is None else f"{r['sim_c']:.3f}"
-            lines.append(
-                f"| {name} | {r['sim_i']:.3f} | {sim_c} | {r['acc1']:.3f} | {r['acc3']:.3f} | "
-                f"{r['generation_correct']:.0%} ({r['generations']}) | {r['seconds']:.0f} | {r['unet_samples']:.0f} "
-                f"| {r['scenes']} |"
-            )
-        lines.append("")
+    loc = summary.get("localization") or {}
+    lines += _table(
+        ["localizer", "mIoU", "precision@0.5", "recall@0.5", "exact count", "mean count error", "s / image"],
+        [
+            [name, f"{r['miou']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['exact_count']:.0%}",
+             f"{r['mean_count_error']:+.2f}", f"{r['seconds']:.2f}"]
+            for name, r in loc.items()
+        ],
+    )  # fmt: skip
+    ext = summary.get("extraction") or {}
+    lines += _table(
+        ["extraction", "SIM^I", "SIM^C", "ACC^1", "ACC^3", "generations correct", "s / image",
+         "UNet samples / image", "scenes"],
+        [
+            [name, f"{r['sim_i']:.3f}", "-" if r["sim_c"] is None else f"{r['sim_c']:.3f}", f"{r['acc1']:.3f}",
+             f"{r['acc3']:.3f}", f"{r['generation_correct']:.0%} ({r['generations']})", f"{r['seconds']:.0f}",
+             f"{r['unet_samples']:.0f}", str(r["scenes"])]
+            for name, r in ext.items()
+        ],
+    )  # fmt: skip
     return "\n".join(lines)
 
 

@@ -113,7 +113,8 @@ def test_shipped_model_is_small_safetensors_and_sd_shaped():
     unet = json.loads((root / "unet" / "config.json").read_text())
     vae = json.loads((root / "vae" / "config.json").read_text())
     assert unet["sample_size"] == 32  # the latent side: 64-px images, x2 VAE
-    assert len(unet["down_block_types"]) == 3  # attention at 32, 16, 8; none at 4x4
+    assert len(unet["down_block_types"]) == 3  # levels 32, 16, 8; none at 4x4
+    assert unet["down_block_types"][-1] == "DownBlock2D"  # attention blocks at 32 and 16, mid block at 8
     assert vae["scaling_factor"] != 0.18215
 
 
@@ -154,8 +155,11 @@ def test_conceptexpress_pipeline_loads_offline_and_localizes(offline):
     scene = render_scene(10_000, num_objects=2)
     result = pipe.localize_concepts(scene.image)
     assert result.masks and all(m.size == (64, 64) for m in result.masks)
-    assert result.eot_map.shape == (8, 8)  # [EOT] map at downsampling factor 4, no fallback
-    assert result.options["eot_factor_used"] == 4
+    # SD's layout one level down: the lowest attention-block level (16x16, factor 2) plays the part of SD's
+    # 16x16 (factor 4) layers, and the method's nearest-factor rule picks it, with a note
+    assert result.eot_map.shape == (16, 16)
+    assert result.options["eot_factor_used"] == 2
+    assert any("factor 4" in note for note in result.notes)
     km = pipe.localize_concepts(scene.image, method="kmeans", num_concepts=3)
     assert len(km.masks) == 3
 

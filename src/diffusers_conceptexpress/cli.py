@@ -155,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_SCENE = 3
+DEMO_SCENE = 12  # "a photo of a pink cross and a orange circle": 2 objects, both found by the shipped model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    small CNN image encoder on the scenes; captions use the method's template ("a photo of a red circle and a
    blue star"). The [EOT] state of the EMPTY prompt is pulled towards the mean image embedding (generic
    "objects"), which is what the method's background filter relies on.
-4. ``unet``: UNet2DConditionModel on the 32x32 latent, attention at 32/16/8 (none at 4x4), with the text
+4. ``unet``: UNet2DConditionModel on the 32x32 latent (``--unet-arch``: "attn-32-16", SD's layout one level
+   down, shipped; or "attn-32-16-8", the first model; none at 4x4; ``--unet-init`` warm-starts), with the text
    encoder FROZEN (as SD trained on a frozen CLIP). Epsilon prediction, SD's scaled-linear betas, 10%
    empty captions (classifier-free guidance), horizontal flips, EMA weights. Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background

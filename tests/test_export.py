@@ -95,7 +95,7 @@ def test_files_and_metadata(extracted):
     root, result, _, _, _ = extracted["sd2"]
     files = sorted(p.name for p in (root / "concepts").iterdir())
     k = result.num_concepts
-    expected = {"concepts.json", "concepts.safetensors", "overlay.png"}
+    expected = {"concepts.json", "concepts.safetensors", "overlay.png", "source.png"}
     expected |= {f"concept_{i}.safetensors" for i in range(1, k + 1)} | {
         f"mask_{i}.png" for i in range(1, k + 1)
     }
@@ -106,6 +106,8 @@ def test_files_and_metadata(extracted):
     assert meta["token"] == "<ce>" and json.loads(meta["tokens"]) == result.tokens and "base_model" in meta
     index = json.loads((root / "concepts" / "concepts.json").read_text())
     assert index["embedding_dim"] == 32 and index["version"]
+    assert index["source"] == "source.png"  # the source image, what `conceptexpress evaluate` compares with
+    assert Image.open(root / "concepts" / "source.png").size == result.image.size
     assert index["parameters"]["learning"]["num_train_steps"] == 3
 
 

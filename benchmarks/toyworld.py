@@ -44,6 +44,7 @@ from diffusers_conceptexpress.evaluation import (
     ConceptSet,
     ToyImageEncoder,
     evaluate_concepts,
+    generate_samples,
     mask_metrics,
     read_samples,
 )
@@ -169,20 +170,15 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> di
         matches = mask_metrics(scene.masks, masks).matches
         targets = [next((g for g, p, _ in matches if p == j), None) for j in range(len(masks))]
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = [f"a photo of {t}" for t in out.tokens]
-    if len(out.tokens) > 1:
-        prompts.append("a photo of " + " and ".join(out.tokens))
-    for p_i, prompt in enumerate(prompts):
-        images = pipe(
-            prompt,
-            num_images_per_prompt=args.samples,
-            num_inference_steps=args.inference_steps,
-            guidance_scale=args.guidance,
-            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.samples)],
-        ).images
-        name = f"concept_{p_i + 1}" if p_i < len(out.tokens) else "joint"
-        for i, im in enumerate(images):
-            im.save(folder / f"{name}_{i}.png")
+    prompts = generate_samples(
+        pipe,
+        out.tokens,
+        folder,
+        samples=args.samples,
+        seed=args.seed,
+        steps=args.inference_steps,
+        guidance=args.guidance,
+    )
     np.savez_compressed(folder / "masks.npz", *masks)
     result = {
         "seed": seed,

@@ -31,12 +31,9 @@ from diffusers_conceptexpress.visualize import heatmap, image_grid, overlay_mask
 def load_pipeline(model: str | None, checkpoint: str | None) -> ConceptExpressPipeline:
     pipe = ConceptExpressPipeline.from_pretrained(model or model_path())
     if checkpoint:  # the EMA UNet of a training run (toyworld.train), on the shipped VAE and text encoder
-        from diffusers_conceptexpress.toyworld.train import make_unet
+        from diffusers_conceptexpress.toyworld.train import load_unet_checkpoint
 
-        state = torch.load(checkpoint, weights_only=False)
-        unet = make_unet(state.get("arch", "attn-32-16-8"))
-        unet.load_state_dict(state["ema"])
-        pipe.unet = unet.eval()
+        pipe.unet = load_unet_checkpoint(checkpoint)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -89,11 +89,10 @@ def sample_grid(
     pipe, tokens: list[str], *, seed: int, steps: int, guidance: float, extra_prompts: tuple[str, ...] = ()
 ) -> tuple:
     """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid."""
+    from .evaluation import concept_prompts
     from .visualize import image_grid
 
-    prompts = [f"a photo of {t}" for t in tokens]
-    if len(tokens) > 1:
-        prompts.append("a photo of " + " and ".join(tokens))
+    prompts = concept_prompts(tokens)
     prompts += list(extra_prompts)
     images = [
         pipe(
@@ -236,7 +235,7 @@ def evaluation_samples(
     """
 
     from .atomic import atomic_directory
-    from .evaluation import read_samples
+    from .evaluation import generate_samples, read_samples
     from .export import load_concepts
 
     cache = directory / "evaluation_samples"
@@ -247,21 +246,10 @@ def evaluation_samples(
     if not (meta.is_file() and json.loads(meta.read_text()) == settings):
         tokens = load_concepts(pipe, directory)
         try:
-            prompts = [f"a photo of {t}" for t in tokens]
-            if k > 1:
-                prompts.append("a photo of " + " and ".join(tokens))
             with atomic_directory(cache, overwrite=True) as tmp:
-                for p_i, prompt in enumerate(prompts):
-                    images = pipe(
-                        prompt,
-                        num_images_per_prompt=samples,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        generator=[torch.Generator().manual_seed(seed + i) for i in range(samples)],
-                    ).images
-                    name = f"concept_{p_i + 1}" if p_i < k else "joint"
-                    for i, im in enumerate(images):
-                        im.save(tmp / f"{name}_{i}.png")
+                prompts = generate_samples(
+                    pipe, tokens, tmp, samples=samples, seed=seed, steps=steps, guidance=guidance
+                )
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:

@@ -49,7 +49,9 @@ __all__ = [
     "ToyImageEncoder",
     "composition_similarity",
     "concept_accuracy",
+    "concept_prompts",
     "evaluate_concepts",
+    "generate_samples",
     "identity_similarity",
     "make_encoder",
     "mask_metrics",
@@ -409,6 +411,40 @@ def evaluate_concepts(
         num_images=len(sets),
         per_set=per_set,
     )
+
+
+def concept_prompts(tokens: Sequence[str]) -> list[str]:
+    """ "a photo of <c_k>" for every concept, then the joint prompt "a photo of <c_1> and ... and <c_K>" (K >= 2)."""
+    prompts = [f"a photo of {t}" for t in tokens]
+    if len(tokens) > 1:
+        prompts.append("a photo of " + " and ".join(tokens))
+    return prompts
+
+
+def generate_samples(
+    pipe, tokens: Sequence[str], folder, *, samples: int, seed: int, steps: int, guidance: float
+) -> list[str]:
+    """Generate the evaluation images of one extraction into ``folder`` (its tokens loaded in ``pipe``).
+
+    Writes ``concept_<k>_<i>.png`` (k = 1..K) and ``joint_<i>.png`` for i < ``samples``; image i of every prompt
+    uses the seed ``seed + i``. Returns the prompts (see :func:`concept_prompts`); read back with
+    :func:`read_samples`.
+    """
+    from pathlib import Path
+
+    prompts = concept_prompts(tokens)
+    for p_i, prompt in enumerate(prompts):
+        images = pipe(
+            prompt,
+            num_images_per_prompt=samples,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(samples)],
+        ).images
+        name = f"concept_{p_i + 1}" if p_i < len(tokens) else "joint"
+        for i, im in enumerate(images):
+            im.save(Path(folder) / f"{name}_{i}.png")
+    return prompts
 
 
 def read_samples(folder, name: str, count: int) -> list[PIL.Image.Image]:

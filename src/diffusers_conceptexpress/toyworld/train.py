@@ -534,6 +534,19 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     t_start = time.time() - spent
     unet.train()
     last_ckpt = time.time()
+
+    def checkpoint(done: bool = False) -> None:
+        save_ckpt(
+            ckpt,
+            unet=unet.state_dict(),
+            ema=ema.state_dict(),
+            opt=opt.state_dict(),
+            step=step,
+            spent=time.time() - t_start,
+            arch=args.unet_arch,
+            **({"done": True} if done else {}),
+        )
+
     losses = []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
@@ -578,29 +591,20 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             d = attention_diagnostics(pipe, diag_seeds)
             log(stage="unet", step=step, diag=d)
         if time.time() - last_ckpt > 300:
-            save_ckpt(
-                ckpt,
-                unet=unet.state_dict(),
-                ema=ema.state_dict(),
-                opt=opt.state_dict(),
-                step=step,
-                spent=time.time() - t_start,
-                arch=args.unet_arch,
-            )
+            checkpoint()
             last_ckpt = time.time()
     ema.eval()
     d = attention_diagnostics(assemble_pipeline(run_dir, ema), diag_seeds)
     log(stage="unet", step=step, diag=d, done=True, min=round((time.time() - t_start) / 60, 2))
-    save_ckpt(
-        ckpt,
-        unet=unet.state_dict(),
-        ema=ema.state_dict(),
-        opt=opt.state_dict(),
-        step=step,
-        spent=time.time() - t_start,
-        done=True,
-        arch=args.unet_arch,
-    )
+    checkpoint(done=True)
+
+
+def load_unet_checkpoint(path: str | Path, which: str = "ema"):
+    """The UNet of a ``unet.pt`` training checkpoint (``which``: "ema" or "unet" weights), in eval mode."""
+    state = torch.load(path, weights_only=False)
+    unet = make_unet(state.get("arch", "attn-32-16-8"))
+    unet.load_state_dict(state[which])
+    return unet.eval()
 
 
 def export(run_dir: Path, out: Path, which: str = "ema") -> None:
@@ -610,10 +614,7 @@ def export(run_dir: Path, out: Path, which: str = "ema") -> None:
     (transformers loads the text encoder in float32, diffusers keeps fp16 weights as fp16: a mixed pipeline
     fails on the first matmul), and fp16 brings nothing on a CPU.
     """
-    state = torch.load(run_dir / "unet.pt", weights_only=False)
-    unet = make_unet(state.get("arch", "attn-32-16-8"))
-    unet.load_state_dict(state[which])
-    pipe = assemble_pipeline(run_dir, unet.eval())
+    pipe = assemble_pipeline(run_dir, load_unet_checkpoint(run_dir / "unet.pt", which))
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     # the stock StableDiffusionPipeline reads model_index.json: name it as such

@@ -348,3 +348,77 @@ def test_dual_gradient_is_alive_at_the_authors_defaults_where_autograd_is_not():
         sinkhorn_distance(target, attn, grid_cost(16, 16), gradient=mode).backward()
         assert torch.isfinite(attn.grad).all()
         assert (attn.grad.abs().max() > 1e-6) == alive
+
+
+def _blob_maps(side: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary-mask targets and peaked attention-like maps, (count, side * side) each."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+
+    def blob(sigma: float) -> torch.Tensor:
+        cy, cx = (torch.rand(2, generator=g) * (side - 4) + 2).tolist()
+        return torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma**2)).flatten()
+
+    masks = torch.stack([(blob(side / 5) > 0.5).float() for _ in range(count)])
+    attn = torch.stack(
+        [torch.softmax(8 * blob(side / 8) + torch.rand(side * side, generator=g), 0) for _ in range(count)]
+    )
+    return masks, attn
+
+
+@pytest.mark.parametrize(
+    ("inputs", "dtype", "gradient"),
+    [
+        ("blobs", torch.float32, "dual"),
+        ("random", torch.float32, "dual"),
+        ("blobs", torch.float64, "dual"),
+        ("blobs", torch.float32, "autograd"),
+        ("asymmetric", torch.float32, "dual"),
+    ],
+)
+def test_pruned_sinkhorn_equals_dense(inputs, dtype, gradient):
+    # Skipping the log-sum-exp terms that underflow to 0 must not change value or gradient (up to the
+    # order of float additions), at the authors' defaults where the potentials spread over thousands.
+    side = 8 if gradient == "autograd" else 16
+    a, b = _blob_maps(side, 6, seed=3)
+    cost = grid_cost(side, side, dtype=dtype)
+    if inputs == "random":
+        g = torch.Generator().manual_seed(4)
+        a, b = torch.rand(6, side * side, generator=g), torch.rand(6, side * side, generator=g)
+    if inputs == "asymmetric":  # a general cost: not symmetric, non-zero diagonal
+        g = torch.Generator().manual_seed(5)
+        cost = cost * (1 + torch.rand(cost.shape, generator=g)) + 0.5 * torch.rand(side * side, generator=g)
+    results = []
+    for prune in (False, True):
+        x = b.to(dtype).clone().requires_grad_(True)
+        value = sinkhorn_distance(a.to(dtype), x, cost, gradient=gradient, prune=prune)
+        value.sum().backward()
+        results.append((value.detach(), x.grad))
+    (v_dense, g_dense), (v_pruned, g_pruned) = results
+    assert v_dense.abs().max() > 0  # a real transport cost, not a vacuous 0 == 0
+    torch.testing.assert_close(v_pruned, v_dense, rtol=1e-5, atol=1e-7)
+    # autograd through 200 iterations amplifies rounding more than the dual potentials do
+    rtol = 1e-4 if gradient == "autograd" else 1e-5
+    torch.testing.assert_close(g_pruned, g_dense, rtol=rtol, atol=1e-6 * g_dense.abs().max().item())
+
+
+def test_pruning_keeps_exactly_the_terms_that_can_be_nonzero():
+    from diffusers_conceptexpress.losses import _NearestCells
+
+    cost = grid_cost(3, 3)
+    flat = torch.zeros(2, 9)
+    # equal potentials, reg 1e-3: a neighbour one cell away is 1000 below the diagonal term: only the diagonal
+    assert (
+        _NearestCells(cost, 1e-3)
+        .logsumexp(flat, "col")
+        .equal(torch.logsumexp(flat[..., :, None] - cost / 1e-3, dim=-2))
+    )
+    nearest = _NearestCells(cost, 1.0)  # reg 1: every term is within exp's range, all 9 are kept
+    h = torch.randn(2, 9)
+    torch.testing.assert_close(nearest.logsumexp(h, "row"), torch.logsumexp(h[..., None, :] - cost, dim=-1))
+    # a potential 1010 above its neighbours brings them back in: its term dominates theirs by e^10
+    h = torch.zeros(1, 9)
+    h[0, 4] = 1010.0
+    dense = torch.logsumexp(h[..., :, None] - cost / 1e-3, dim=-2)
+    torch.testing.assert_close(dense[0, [1, 3, 5, 7]], torch.full((4,), 10.0), rtol=0, atol=1e-3)
+    torch.testing.assert_close(_NearestCells(cost, 1e-3).logsumexp(h, "col"), dense)

@@ -179,3 +179,27 @@ def test_toy_unet_architectures(arch, factors, heads_at_32):
     assert unet.mid_block.attentions  # both keep SD's mid-block attention (at 8x8)
     with pytest.raises(ValueError, match="unknown UNet architecture"):
         make_unet("attn-64")
+
+
+def test_noise_level_weights_equalise_each_bins_share():
+    from diffusers_conceptexpress.toyworld.train import NoiseLevelWeights
+
+    levels = NoiseLevelWeights(bins=4, num_timesteps=100, decay=0.5)
+    t = torch.tensor([0, 30, 60, 99])
+    assert torch.equal(levels.bin(t), torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(levels.weights(t), torch.ones(4))  # nothing seen yet: plain MSE
+    mse = torch.tensor([0.4, 0.1, 0.02, 0.005])  # low noise is hard, high noise easy
+    for _ in range(3):
+        levels.update(t, mse)
+    w = levels.weights(t)
+    share = w * mse
+    assert torch.allclose(share, share[0].expand(4))  # every noise level weighs the same
+    assert w.mean().item() == pytest.approx(1.0)  # plain MSE's scale
+    assert w[3] > w[0]  # the high-noise steps gain
+    levels.update(torch.tensor([10]), torch.tensor([0.2]))  # running mean: 0.5 * 0.4 + 0.5 * 0.2
+    assert levels.mean[0].item() == pytest.approx(0.3)
+    fresh = NoiseLevelWeights(bins=4, num_timesteps=100, decay=0.5)
+    fresh.load_state_dict(levels.state_dict())
+    assert torch.equal(fresh.weights(t), levels.weights(t))
+    fresh.update(torch.tensor([99]), torch.tensor([0.0]))  # a copy, not a view of the original's state
+    assert not torch.equal(fresh.mean, levels.mean)

@@ -486,6 +486,47 @@ def attention_diagnostics(pipe, seeds) -> dict:
     }
 
 
+class NoiseLevelWeights:
+    """Per-noise-level loss normalisation: weight each sample by 1 / (running mean MSE of its timestep bin).
+
+    With uniform epsilon-MSE the low-noise steps dominate the gradient (their MSE is 10-40x that of the
+    high-noise steps, where the layout and the shape of an object are decided), so a small model learns
+    colour and texture first and shape last. Dividing each sample's MSE by the running mean of its bin (the
+    optimum of EDM2's learned per-noise-level uncertainty weighting) gives every noise level the same share.
+    The weights are rescaled so that their mean over the bins is 1: the loss keeps plain MSE's scale.
+
+    ``bins`` equal-width bins over ``[0, num_timesteps)``; ``decay`` is the running mean's per-update decay.
+    """
+
+    def __init__(self, bins: int = 20, num_timesteps: int = 1000, decay: float = 0.99) -> None:
+        self.bins, self.num_timesteps, self.decay = bins, num_timesteps, decay
+        self.mean = torch.full((bins,), float("nan"))
+
+    def bin(self, t: torch.Tensor) -> torch.Tensor:
+        return (t * self.bins // self.num_timesteps).clamp(0, self.bins - 1)
+
+    def update(self, t: torch.Tensor, mse: torch.Tensor) -> None:
+        """Fold per-sample MSEs (shape ``(B,)``) at timesteps ``t`` (``(B,)``) into the running means."""
+        for b, v in zip(self.bin(t).tolist(), mse.detach().float().tolist(), strict=True):
+            m = self.mean[b]
+            self.mean[b] = v if torch.isnan(m) else self.decay * m + (1 - self.decay) * v
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights ``(B,)``; bins not seen yet get the mean of the seen ones."""
+        seen = ~torch.isnan(self.mean)
+        if not seen.any():
+            return torch.ones(t.shape)
+        mean = torch.where(seen, self.mean, self.mean[seen].mean())
+        inv = 1.0 / mean
+        return (inv / inv.mean())[self.bin(t)]
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.clone(), "bins": self.bins, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bins, self.decay, self.mean = state["bins"], state["decay"], state["mean"].clone()
+
+
 def stage_unet(args, run_dir: Path, log: Logger) -> None:
     from diffusers import DDPMScheduler
 
@@ -501,6 +542,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         log(stage="unet", init=str(args.unet_init), loaded=len(same), fresh=len(own) - len(same))
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    levels = NoiseLevelWeights() if args.unet_weighting == "noise-level" else None
     step, spent = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -510,6 +552,10 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, spent = state["step"], state.get("spent", 0.0)
+        if state.get("weighting", "uniform") != args.unet_weighting:
+            raise SystemExit(f"{ckpt} was trained with --unet-weighting {state.get('weighting', 'uniform')}")
+        if levels is not None:
+            levels.load_state_dict(state["levels"])
         if state.get("done"):
             return
     tokenizer, text = load_text_encoder(run_dir)
@@ -544,6 +590,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             step=step,
             spent=time.time() - t_start,
             arch=args.unet_arch,
+            weighting=args.unet_weighting,
+            **({"levels": levels.state_dict()} if levels is not None else {}),
             **({"done": True} if done else {}),
         )
 
@@ -565,7 +613,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-        loss = F.mse_loss(pred, eps)
+        mse = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+        if levels is None:
+            loss = mse.mean()
+        else:
+            levels.update(t, mse)
+            loss = (levels.weights(t) * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -575,7 +628,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters(), strict=False):
                 pe.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+        losses.append(mse.mean().item())  # plain MSE, comparable across weightings
         if step % 50 == 0:
             log(
                 stage="unet",
@@ -706,6 +759,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-arch", default="attn-32-16-8", choices=UNET_ARCHS)
     p.add_argument(
         "--unet-init", default=None, help="warm-start the UNet from this unet.pt (its EMA weights)"
+    )
+    p.add_argument(
+        "--unet-weighting",
+        default="uniform",
+        choices=["uniform", "noise-level"],
+        help="loss weighting over timesteps: plain MSE, or each noise level normalised to the same share",
     )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--diag-every", type=int, default=500)

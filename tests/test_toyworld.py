@@ -203,3 +203,19 @@ def test_noise_level_weights_equalise_each_bins_share():
     assert torch.equal(fresh.weights(t), levels.weights(t))
     fresh.update(torch.tensor([99]), torch.tensor([0.0]))  # a copy, not a view of the original's state
     assert not torch.equal(fresh.mean, levels.mean)
+
+
+def test_shipped_model_uses_the_colour_word_conditioning_gain(offline):
+    # the shipped model draws the right colour (95%): a wrong colour word or the empty prompt must raise the
+    # epsilon MSE at high noise, where the colour of the object is decided; the true caption is the baseline
+    from diffusers_conceptexpress import ConceptExpressPipeline
+    from diffusers_conceptexpress.toyworld.train import conditioning_gain
+
+    pipe = ConceptExpressPipeline.from_pretrained(model_path())
+    gains = conditioning_gain(pipe, range(7_100_000, 7_100_012), timesteps=(850,))
+    assert set(gains) == {850}
+    row = gains[850]
+    assert set(row) == {"true", "wrong shape", "wrong colour", "empty"}
+    assert row["true"] > 0
+    assert row["wrong colour"] > 0.05
+    assert row["empty"] > 0.05

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import WORDS
-from .scenes import IMAGE_SIZE, render_scene
+from .scenes import COLORS, IMAGE_SIZE, SHAPES, caption_for, render_scene
 
 LATENT = IMAGE_SIZE // 2
 TEXT_DIM = 64
@@ -486,6 +486,57 @@ def attention_diagnostics(pipe, seeds) -> dict:
     }
 
 
+CONDITIONING_CAPTIONS = ("true", "wrong shape", "wrong colour", "empty")
+
+
+@torch.no_grad()
+def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: int = 0) -> dict:
+    """How much the UNet uses each word: epsilon MSE per timestep with altered captions, on single objects.
+
+    On single-object scenes (``seeds``), the epsilon-prediction MSE with the true caption, with the shape
+    word swapped for another shape, the colour word swapped, and the empty prompt, all with the same noise.
+    Returns ``{t: {"true": mse, "wrong shape": relative gap, ...}}`` where a gap is ``(mse - true) / true``:
+    what the UNet gains from that part of the prompt at that noise level (about 0: ignored there).
+    """
+    rng = np.random.default_rng(noise_seed)
+    scenes = [render_scene(int(s), num_objects=1) for s in seeds]
+    captions = {name: [] for name in CONDITIONING_CAPTIONS}
+    for scene in scenes:
+        obj = dict(scene.objects[0])
+        other_shape = rng.choice([x for x in SHAPES if x != obj["shape"]])
+        other_colour = rng.choice([x for x in COLORS if x != obj["color"]])
+        captions["true"].append(scene.caption)
+        captions["wrong shape"].append(caption_for([{**obj, "shape": str(other_shape)}]))
+        captions["wrong colour"].append(caption_for([{**obj, "color": str(other_colour)}]))
+        captions["empty"].append("")
+    tok = pipe.tokenizer
+    cond = {
+        name: pipe.text_encoder(
+            tok(text, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        ).last_hidden_state
+        for name, text in captions.items()
+    }
+    vae, unet = pipe.vae, pipe.unet
+    z0 = vae.encode(to_tensor([sc.image for sc in scenes])).latent_dist.mean * vae.config.scaling_factor
+    acp = make_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(noise_seed)
+    out = {}
+    for t in timesteps:
+        eps = torch.randn(z0.shape, generator=g)
+        zt = acp[t].sqrt() * z0 + (1 - acp[t]).sqrt() * eps
+        tt = torch.full((len(scenes),), int(t))
+        mse = {
+            k: float(((unet(zt, tt, encoder_hidden_states=c).sample - eps) ** 2).mean())
+            for k, c in cond.items()
+        }
+        base = mse["true"]
+        out[int(t)] = {
+            "true": round(base, 5),
+            **{k: round((mse[k] - base) / base, 4) for k in CONDITIONING_CAPTIONS[1:]},
+        }
+    return out
+
+
 class NoiseLevelWeights:
     """Per-noise-level loss normalisation: weight each sample by 1 / (running mean MSE of its timestep bin).
 
@@ -571,6 +622,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     n = latents.shape[0]
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     diag_seeds = list(range(100, 100 + args.diag_scenes))
+    cond_seeds = list(range(200, 216))  # single-object scenes for the shape-word gain
     budget = args.unet_minutes * 60.0
     if args.unet_until:  # wall-clock deadline "HH:MM" (UTC, today): stop then whatever the step count
         hh, mm = (int(v) for v in args.unet_until.split(":"))
@@ -642,12 +694,15 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             ema.eval()
             pipe = assemble_pipeline(run_dir, ema)
             d = attention_diagnostics(pipe, diag_seeds)
+            d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
             log(stage="unet", step=step, diag=d)
         if time.time() - last_ckpt > 300:
             checkpoint()
             last_ckpt = time.time()
     ema.eval()
-    d = attention_diagnostics(assemble_pipeline(run_dir, ema), diag_seeds)
+    pipe = assemble_pipeline(run_dir, ema)
+    d = attention_diagnostics(pipe, diag_seeds)
+    d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
     log(stage="unet", step=step, diag=d, done=True, min=round((time.time() - t_start) / 60, 2))
     checkpoint(done=True)
 
@@ -703,6 +758,9 @@ def plot_log(run_dir: Path, out: Path) -> None:
             ("unet: EOT obj/bg ratio (mean, 8 scenes)", [(s, d["eot_ratio_mean"]) for s, d in diag])
         )
         panels.append(("unet: k-means (K+1) mIoU, 8 scenes", [(s, d["kmeans_miou"]) for s, d in diag]))
+        gain = [(s, d["shape_gain"]["750"]) for s, d in diag if "750" in d.get("shape_gain", {})]
+        if gain:  # logged from the third run on (JSON turns the timestep keys into strings)
+            panels.append(("unet: shape-word gain at t=750", gain))
     w, h, pad = 420, 260, 40
     img = Image.new("RGB", (w * len(panels), h), "white")
     draw = ImageDraw.Draw(img)

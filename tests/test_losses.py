@@ -351,19 +351,15 @@ def test_dual_gradient_is_alive_at_the_authors_defaults_where_autograd_is_not():
 
 
 def _blob_maps(side: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary-mask targets and peaked attention-like maps, (count, side * side) each."""
-    g = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+    """Binary-mask targets and peaked attention-like maps, (count, side * side) each: the benchmark's inputs."""
+    import importlib.util
+    from pathlib import Path
 
-    def blob(sigma: float) -> torch.Tensor:
-        cy, cx = (torch.rand(2, generator=g) * (side - 4) + 2).tolist()
-        return torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma**2)).flatten()
-
-    masks = torch.stack([(blob(side / 5) > 0.5).float() for _ in range(count)])
-    attn = torch.stack(
-        [torch.softmax(8 * blob(side / 8) + torch.rand(side * side, generator=g), 0) for _ in range(count)]
-    )
-    return masks, attn
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sinkhorn_cost.py"
+    spec = importlib.util.spec_from_file_location("sinkhorn_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.maps("mask vs attention", side, count, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(

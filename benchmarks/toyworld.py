@@ -305,13 +305,16 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = args.model or model_path()
-    work = Path(args.work) / model_fingerprint(model)  # caches of another model's weights are never mixed in
+    fingerprint = model_fingerprint(model)
+    work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in
     pipe = ConceptExpressPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     items = scenes(args.scenes, args.seed_start)
     parts = args.parts.split(",")
     out = Path(args.out)
     summary = json.loads(out.read_text()) if out.is_file() else {}
+    if summary.get("header", {}).get("fingerprint") != fingerprint:
+        summary = {}  # parts measured on other weights must not sit in this model's table
     if "localization" in parts:
         summary["localization"] = run_localization(pipe, items, work)
         if args.pictures:
@@ -337,6 +340,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.threads} thread(s)",
         "model": "shipped toy model" if args.model is None else args.model,
+        "fingerprint": fingerprint,
         "scenes": args.scenes,
         "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
     }

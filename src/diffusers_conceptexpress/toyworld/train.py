@@ -607,8 +607,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             raise SystemExit(f"{ckpt} was trained with --unet-weighting {state.get('weighting', 'uniform')}")
         if levels is not None:
             levels.load_state_dict(state["levels"])
-        if state.get("done"):
-            return
+        if state.get("done") and (step >= args.unet_steps or spent >= args.unet_minutes * 60.0):
+            return  # finished within this budget; a larger --unet-steps / --unet-minutes resumes it
     tokenizer, text = load_text_encoder(run_dir)
     pool = torch.load(run_dir / "pool.pt", weights_only=False)
     latents, ids = pool["latents"], pool["ids"]

@@ -13,7 +13,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
 4. ``unet``: UNet2DConditionModel on the 32x32 latent (``--unet-arch``: "attn-32-16", SD's layout one level
    down, shipped; or "attn-32-16-8", the first model; none at 4x4; ``--unet-init`` warm-starts), with the text
    encoder FROZEN (as SD trained on a frozen CLIP). Epsilon prediction, SD's scaled-linear betas, 10%
-   empty captions (classifier-free guidance), horizontal flips, EMA weights. Every ``--diag-every`` steps it
+   empty captions (classifier-free guidance), horizontal flips, EMA weights, ``--unet-weighting`` (plain MSE or
+   normalised per noise level). Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
    ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.

@@ -203,7 +203,7 @@ def sinkhorn_distance(
         num_iters: number of Sinkhorn iterations (each updates g, then f).
         gradient: "dual" or "autograd", see above.
         prune: skip the log-sum-exp terms that are exactly 0 in floating point (see ``_NearestCells``):
-            the same iterations and, up to the order of float additions, the same result, 5-25x faster on a
+            the same iterations and, up to the order of float additions, the same result, 1.5-21x faster on a
             CPU at the authors' defaults. ``None`` (default): on CPU tensors only (on a GPU the dense
             version is fast already, and pruning needs one device sync per iteration).
     Returns:

@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from safetensors.torch import load_file, save
 
-from diffusers_conceptexpress import ConceptExpressPipeline
+from diffusers_conceptexpress import ConceptExpressOutput, ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.evaluation import (
     ConceptSet,
@@ -48,6 +49,7 @@ from diffusers_conceptexpress.evaluation import (
     mask_metrics,
     read_samples,
 )
+from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
@@ -145,12 +147,48 @@ def localizer_pictures(pipe, items, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- 2. extraction
-def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> dict:
-    """One extraction + its generations, cached in ``work/extraction/<variant>/<seed>/``."""
-    folder = work / "extraction" / variant.replace(", ", "_").replace(" ", "-") / str(seed)
-    result_path = folder / "result.json"
+RECORDS = Path("benchmarks/results/toyworld_extraction")
+
+
+def _variant_dir(variant: str) -> str:
+    return variant.replace(", ", "_").replace(" ", "-")
+
+
+def _result_path(records: Path, variant: str, seed: int) -> Path:
+    """The committed record of one extraction: ``result.json``, ``masks.npz``, ``embeddings.safetensors``."""
+    return records / _variant_dir(variant) / str(seed) / "result.json"
+
+
+def _samples_dir(work: Path, variant: str, seed: int) -> Path:
+    return work / "extraction" / _variant_dir(variant) / str(seed)
+
+
+def _generate(pipe, tokens: list[str], embeddings: torch.Tensor, folder: Path, args) -> list[str]:
+    """The evaluation images of one extraction (regenerated from its record when the cache lacks them)."""
+    pipe.load_concepts(ConceptExpressOutput(tokens=tokens, embeddings=embeddings, localization=None))
+    folder.mkdir(parents=True, exist_ok=True)
+    return generate_samples(
+        pipe, tokens, folder, samples=args.samples, seed=args.seed, steps=args.inference_steps,
+        guidance=args.guidance,
+    )  # fmt: skip
+
+
+def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, work: Path) -> dict:
+    """One extraction + its generations.
+
+    The record (small: result, masks, learned embeddings) goes to ``records/<variant>/<seed>/`` and is
+    committed, so an interrupted benchmark resumes in a later session; the generated PNGs go to
+    ``work/extraction/<variant>/<seed>/`` and are regenerated from the embeddings when missing.
+    """
+    result_path = _result_path(records, variant, seed)
+    samples = _samples_dir(work, variant, seed)
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if not (samples / "done").is_file():
+            emb = load_file(str(result_path.parent / "embeddings.safetensors"))["embeddings"]
+            _generate(pipe, concept_token_names("<ce>", emb.shape[0]), emb, samples, args)
+            (samples / "done").touch()
+        return result
     scene = render_scene(seed, num_objects=n)
     schedule = variant.split(",")[0]
     gt = "GT" in variant
@@ -161,6 +199,7 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> di
         schedule=schedule,
         masks=[m for m in scene.masks] if gt else None,
         generator=torch.Generator().manual_seed(args.seed),
+        load=False,
     )
     seconds = time.perf_counter() - t0
     masks = [np.asarray(m, dtype=bool) for m in out.localization.masks]
@@ -169,17 +208,8 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> di
     else:
         matches = mask_metrics(scene.masks, masks).matches
         targets = [next((g for g, p, _ in matches if p == j), None) for j in range(len(masks))]
-    folder.mkdir(parents=True, exist_ok=True)
-    prompts = generate_samples(
-        pipe,
-        out.tokens,
-        folder,
-        samples=args.samples,
-        seed=args.seed,
-        steps=args.inference_steps,
-        guidance=args.guidance,
-    )
-    np.savez_compressed(folder / "masks.npz", *masks)
+    prompts = _generate(pipe, out.tokens, out.embeddings, samples, args)
+    (samples / "done").touch()
     result = {
         "seed": seed,
         "objects": n,
@@ -190,17 +220,23 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, work: Path) -> di
         "updates": out.learning.num_updates,
         "prompts": prompts,
     }
-    _write_json(result_path, result)
+    folder = result_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / "masks.npz", "wb") as handle:
+        np.savez_compressed(handle, *masks)
+    with atomic_file(folder / "embeddings.safetensors", "wb") as handle:
+        handle.write(save({"embeddings": out.embeddings.contiguous()}))
+    _write_json(result_path, result)  # last: its presence marks a complete record
     return result
 
 
-def summarize_extraction(items, variant: str, args, work: Path, encoder) -> dict:
+def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
     sets, correct, total, seconds, samples = [], 0, 0, [], []
     for seed, n in items:
-        folder = work / "extraction" / variant.replace(", ", "_").replace(" ", "-") / str(seed)
-        result = json.loads((folder / "result.json").read_text())
+        result = json.loads(_result_path(records, variant, seed).read_text())
+        folder = _samples_dir(work, variant, seed)
         scene = render_scene(seed, num_objects=n)
-        masks = list(np.load(folder / "masks.npz").values())
+        masks = list(np.load(_result_path(records, variant, seed).parent / "masks.npz").values())
         single = [read_samples(folder, f"concept_{k + 1}", args.samples) for k in range(len(masks))]
         joint = read_samples(folder, "joint", args.samples) if len(masks) > 1 else []
         sets.append(ConceptSet(scene.image, masks, single, joint, name=str(seed)))
@@ -292,6 +328,14 @@ def main() -> None:
     p.add_argument(
         "--extraction-scenes", type=int, default=None, help="only the first N scenes (default: all)"
     )
+    p.add_argument(
+        "--shard", default="0/1", help="K/N: extract only scenes i with i %% N == K (parallel processes)"
+    )
+    p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="extract nothing; summarise the scenes whose every variant is in the cache",
+    )
     p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
     p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
     p.add_argument("--inference-steps", type=int, default=25)
@@ -299,7 +343,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pictures", type=int, default=6, help="scenes in docs/toyworld_localizers.png (0: none)")
-    p.add_argument("--work", default=".benchmark-runs/toyworld")
+    p.add_argument("--work", default=".benchmark-runs/toyworld", help="generated images (not in git)")
+    p.add_argument(
+        "--records", default=str(RECORDS), help="per-extraction records (committed; one folder per model)"
+    )
     p.add_argument("--out", default="benchmarks/results/toyworld.json")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
@@ -307,6 +354,7 @@ def main() -> None:
     model = args.model or model_path()
     fingerprint = model_fingerprint(model)
     work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in
+    records = Path(args.records) / fingerprint
     pipe = ConceptExpressPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     items = scenes(args.scenes, args.seed_start)
@@ -322,17 +370,24 @@ def main() -> None:
     if "extraction" in parts:
         wanted = [v for v in VARIANTS if v.replace(", ", "_").replace(" ", "-") in args.variants.split(",")]
         ext_items = items[: args.extraction_scenes] if args.extraction_scenes else items
-        encoder = ToyImageEncoder()
-        summary.setdefault("extraction", {})
-        for variant in wanted:
-            for i, (seed, n) in enumerate(ext_items):
-                r = extract_scene(pipe, seed, n, variant, args, work)
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        # scene-major, so that an interrupted run has every variant on the same scenes
+        for i, (seed, n) in enumerate(ext_items):
+            mine = not args.summarize_only and i % shards == shard
+            for variant in wanted:
+                if not (mine or _result_path(records, variant, seed).is_file()):
+                    continue  # recorded scenes only get their images regenerated where missing
+                r = extract_scene(pipe, seed, n, variant, args, records, work)
                 print(
                     f"[{variant}] scene {i + 1}/{len(ext_items)} (seed {seed}): {r['concepts']} concept(s), "
                     f"{r['seconds']:.0f} s",
                     file=sys.stderr,
                 )
-            summary["extraction"][variant] = summarize_extraction(ext_items, variant, args, work, encoder)
+        done = [it for it in ext_items if all(_result_path(records, v, it[0]).is_file() for v in wanted)]
+        encoder = ToyImageEncoder()
+        summary["extraction"] = {
+            v: summarize_extraction(done, v, args, records, work, encoder) for v in wanted if done
+        }
     cmd = "python benchmarks/toyworld.py " + " ".join(sys.argv[1:])
     header = {
         "command": cmd.strip(),

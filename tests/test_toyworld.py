@@ -219,3 +219,27 @@ def test_shipped_model_uses_the_colour_word_conditioning_gain(offline):
     assert row["true"] > 0
     assert row["wrong colour"] > 0.05
     assert row["empty"] > 0.05
+
+
+def test_a_run_seeded_from_the_shipped_model_exports_the_same_weights(tmp_path, offline):
+    # run directories do not outlive a session: a later session resumes from the shipped folder itself
+    from safetensors.torch import load_file
+
+    from diffusers_conceptexpress.toyworld.train import main
+
+    shipped = Path(model_path())
+    out = tmp_path / "model"
+    main(
+        ["--run-dir", str(tmp_path / "run"), "--from-model", str(shipped), "--unet-init", str(shipped),
+         "--stages", "vae,pool,clip,unet,export", "--pool", "8", "--unet-steps", "0", "--diag-every", "0",
+         "--unet-arch", "attn-32-16", "--out", str(out)]
+    )  # fmt: skip
+    for part in ("vae/diffusion_pytorch_model", "text_encoder/model", "unet/diffusion_pytorch_model"):
+        ours, theirs = load_file(out / f"{part}.safetensors"), load_file(shipped / f"{part}.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / "tokenizer" / name).read_bytes() == (shipped / "tokenizer" / name).read_bytes()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == "seed" for r in log)
+    assert not any(r.get("stage") in ("vae", "clip") and "step" in r for r in log)  # nothing retrained

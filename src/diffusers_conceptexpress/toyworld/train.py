@@ -268,11 +268,11 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("done"):
+            return
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        if state.get("done"):
-            return
     rng = np.random.default_rng(args.seed + step)
     torch.manual_seed(args.seed + step)
     vae.train()
@@ -327,6 +327,40 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, done=True, scaling=scaling)
 
 
+def seed_from_model(run_dir: Path, model: Path, log: Logger) -> None:
+    """Start a run from an exported diffusers folder (e.g. the shipped model, ``toyworld.model_path()``).
+
+    Its VAE and text encoder become the run's finished "vae" and "clip" stages (``vae.pt``, ``clip.pt``;
+    existing ones are kept), so that a later session, which has only the shipped weights, can go on training
+    the UNet (``--unet-init`` the same folder: its UNet is the warm start). The tokenizer is rebuilt (it is
+    deterministic) and must equal the folder's.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tokenizer(run_dir / "tokenizer")
+    theirs = json.loads((model / "tokenizer" / "vocab.json").read_text())
+    if theirs != tokenizer.get_vocab():
+        raise SystemExit(f"{model}: its tokenizer is not the toy tokenizer this trainer builds")
+    if not (run_dir / "vae.pt").exists():
+        vae = AutoencoderKL.from_pretrained(model / "vae")
+        save_ckpt(run_dir / "vae.pt", model=vae.state_dict(), scaling=vae.config.scaling_factor, done=True)
+    if not (run_dir / "clip.pt").exists():
+        text = CLIPTextModel.from_pretrained(model / "text_encoder")
+        save_ckpt(run_dir / "clip.pt", text=text.state_dict(), done=True)
+    log(stage="seed", model=str(model))
+
+
+def _unet_init_state(path: str | Path) -> dict:
+    """Warm-start weights: the EMA of a ``unet.pt`` checkpoint, or the UNet of an exported diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(path / "unet").state_dict()
+    return torch.load(path, weights_only=False, map_location="cpu")["ema"]
+
+
 def load_vae(run_dir: Path):
     state = torch.load(run_dir / "vae.pt", weights_only=False)
     vae = make_vae()
@@ -366,14 +400,14 @@ def stage_clip(args, run_dir: Path, log: Logger) -> None:
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("done"):
+            return
         text.load_state_dict(state["text"])
         image_enc.load_state_dict(state["image"])
         proj.load_state_dict(state["proj"])
         logit_scale.data.copy_(state["logit_scale"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        if state.get("done"):
-            return
     pool = torch.load(run_dir / "pool.pt", weights_only=False)
     images, ids = pool["images"], pool["ids"]
     n = images.shape[0]
@@ -583,21 +617,24 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     from diffusers import DDPMScheduler
 
     ckpt = run_dir / "unet.pt"
+    device = torch.device(args.device)
     unet = make_unet(args.unet_arch)
     ema = make_unet(args.unet_arch).requires_grad_(False)
     if args.unet_init and not ckpt.exists():
         # warm start from another run's EMA weights: every parameter whose name and shape match
-        init = torch.load(args.unet_init, weights_only=False)["ema"]
+        init = _unet_init_state(args.unet_init)
         own = unet.state_dict()
         same = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
         unet.load_state_dict(same, strict=False)
         log(stage="unet", init=str(args.unet_init), loaded=len(same), fresh=len(own) - len(same))
     ema.load_state_dict(unet.state_dict())
+    unet.to(device)
+    ema.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     levels = NoiseLevelWeights() if args.unet_weighting == "noise-level" else None
     step, spent = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         if state.get("arch", "attn-32-16-8") != args.unet_arch:
             raise SystemExit(f"{ckpt} holds a {state.get('arch', 'attn-32-16-8')} UNet, not {args.unet_arch}")
         unet.load_state_dict(state["unet"])
@@ -619,7 +656,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         empty = text(tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
         empty = empty.last_hidden_state
     noise_sched = DDPMScheduler.from_config(make_scheduler().config)
-    acp = noise_sched.alphas_cumprod
+    acp = noise_sched.alphas_cumprod.to(device)
+    # the pool moves to the device once; random draws stay on the CPU generator (same run on any device)
+    latents, cond, empty = latents.to(device), cond.to(device), empty.to(device)
     n = latents.shape[0]
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     diag_seeds = list(range(100, 100 + args.diag_scenes))
@@ -648,17 +687,27 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             **({"done": True} if done else {}),
         )
 
+    def diagnose(model) -> dict:
+        """The attention diagnostics and the shape-word gain of ``model`` (a CPU copy: the pipeline's device)."""
+        copy = make_unet(args.unet_arch).requires_grad_(False)
+        copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        pipe = assemble_pipeline(run_dir, copy.eval())
+        d = attention_diagnostics(pipe, diag_seeds)
+        d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
+        return d
+
     losses = []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
-        z0 = latents[idx].float()
-        flip = torch.rand(args.unet_batch, generator=g) < 0.5
+        z0 = latents[idx.to(device)].float()
+        flip = (torch.rand(args.unet_batch, generator=g) < 0.5).to(device)
         z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
-        c = cond[idx].float()
-        drop = torch.rand(args.unet_batch, generator=g) < 0.1
+        c = cond[idx.to(device)].float()
+        drop = (torch.rand(args.unet_batch, generator=g) < 0.1).to(device)
         c = torch.where(drop[:, None, None], empty.expand_as(c), c)
-        t = torch.randint(0, 1000, (args.unet_batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        t_cpu = torch.randint(0, 1000, (args.unet_batch,), generator=g)
+        t = t_cpu.to(device)
+        eps = torch.randn(z0.shape, generator=g).to(device)
         a = acp[t].sqrt()[:, None, None, None]
         s = (1 - acp[t]).sqrt()[:, None, None, None]
         zt = a * z0 + s * eps
@@ -670,8 +719,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         if levels is None:
             loss = mse.mean()
         else:
-            levels.update(t, mse)
-            loss = (levels.weights(t) * mse).mean()
+            levels.update(t_cpu, mse)
+            loss = (levels.weights(t_cpu).to(device) * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -691,26 +740,19 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 min=round((time.time() - t_start) / 60, 2),
             )
             losses = []
-        if step % args.diag_every == 0:
-            ema.eval()
-            pipe = assemble_pipeline(run_dir, ema)
-            d = attention_diagnostics(pipe, diag_seeds)
-            d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
-            log(stage="unet", step=step, diag=d)
+        if args.diag_every and step % args.diag_every == 0:
+            log(stage="unet", step=step, diag=diagnose(ema))
         if time.time() - last_ckpt > 300:
             checkpoint()
             last_ckpt = time.time()
-    ema.eval()
-    pipe = assemble_pipeline(run_dir, ema)
-    d = attention_diagnostics(pipe, diag_seeds)
-    d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
-    log(stage="unet", step=step, diag=d, done=True, min=round((time.time() - t_start) / 60, 2))
+    diag = {"diag": diagnose(ema)} if args.diag_every else {}
+    log(stage="unet", step=step, **diag, done=True, min=round((time.time() - t_start) / 60, 2))
     checkpoint(done=True)
 
 
 def load_unet_checkpoint(path: str | Path, which: str = "ema"):
     """The UNet of a ``unet.pt`` training checkpoint (``which``: "ema" or "unet" weights), in eval mode."""
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     unet = make_unet(state.get("arch", "attn-32-16-8"))
     unet.load_state_dict(state[which])
     return unet.eval()
@@ -817,8 +859,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--unet-arch", default="attn-32-16-8", choices=UNET_ARCHS)
     p.add_argument(
-        "--unet-init", default=None, help="warm-start the UNet from this unet.pt (its EMA weights)"
+        "--unet-init",
+        default=None,
+        help="warm-start the UNet from this unet.pt (its EMA weights) or exported diffusers folder",
     )
+    p.add_argument(
+        "--from-model",
+        default=None,
+        help="seed the run's vae/clip stages from this exported folder (e.g. the shipped toyworld model)",
+    )
+    p.add_argument("--device", default="cpu", help="device of the UNet stage (cpu, cuda)")
     p.add_argument(
         "--unet-weighting",
         default="uniform",
@@ -826,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
         help="loss weighting over timesteps: plain MSE, or each noise level normalised to the same share",
     )
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--diag-every", type=int, default=500)
+    p.add_argument("--diag-every", type=int, default=500, help="steps between diagnostics (0: none)")
     p.add_argument("--diag-scenes", type=int, default=8)
     p.add_argument("--out", default=None, help="export the diffusers folder here")
     p.add_argument("--plot", default=None, help="with stage 'plot': write the loss curves PNG here")
@@ -838,6 +888,8 @@ def main(argv: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(run_dir)
     log(event="start", args=vars(args))
+    if args.from_model:
+        seed_from_model(run_dir, Path(args.from_model), log)
     stages = args.stages.split(",")
     for name in stages:
         if name == "vae":

@@ -728,8 +728,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters(), strict=False):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
         losses.append(mse.mean().item())  # plain MSE, comparable across weightings
         if step % 50 == 0:
             log(

@@ -50,7 +50,7 @@ from diffusers_conceptexpress.evaluation import (
     read_samples,
 )
 from diffusers_conceptexpress.tokens import concept_token_names
-from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
+from diffusers_conceptexpress.toyworld import WORLD_VERSION, classify, model_path, render_scene
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
@@ -59,10 +59,13 @@ START, END = "<!-- toyworld-benchmark:start -->", "<!-- toyworld-benchmark:end -
 
 
 def model_fingerprint(model: str) -> str:
-    """First 12 hex digits of the SHA-256 of the UNet and text-encoder weights of a local diffusers folder."""
+    """First 12 hex digits of the SHA-256 of the weights of a local diffusers folder and the world's version.
+
+    Results of other weights, or of scenes rendered by another version of ``render_scene``, never mix.
+    """
     import hashlib
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"world {WORLD_VERSION}".encode())
     for part in ("unet", "text_encoder", "vae"):
         for f in sorted((Path(model) / part).glob("*.safetensors")):
             digest.update(f.read_bytes())

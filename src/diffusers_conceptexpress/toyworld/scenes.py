@@ -48,6 +48,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 STRIPED_PROB = 0.25
 MIN_VISIBLE = 0.6  # an object keeps at least this share of its area visible
+# object radius in pixels at 64 px (scaled with ``size``): alone, and in scenes of several objects. The first
+# world drew several objects at (10, 15): too small for the attention grid (docs/toyworld.md, "World").
+#: bumped whenever ``render_scene``'s output for a seed changes (benchmark caches are keyed by it)
+WORLD_VERSION = 2
+SINGLE_RADIUS = (12.0, 19.0)
+MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
+CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
 
 
 @dataclass
@@ -181,11 +188,25 @@ def _background(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict]:
     return bg, {"kind": kind, "rgb": tuple(int(c) for c in np.round(base * 255))}
 
 
-def render_scene(seed: int, num_objects: int | None = None, size: int = IMAGE_SIZE) -> Scene:
+def _default_radius(num_objects: int) -> tuple[float, float]:
+    if num_objects == 1:
+        return SINGLE_RADIUS
+    return MULTI_RADIUS if num_objects <= 3 else CROWDED_RADIUS
+
+
+def render_scene(
+    seed: int,
+    num_objects: int | None = None,
+    size: int = IMAGE_SIZE,
+    radius_range: tuple[float, float] | None = None,
+) -> Scene:
     """Render scene number ``seed`` (deterministic) with ``num_objects`` objects (default: 1-3 at random).
 
     Objects may overlap, but each keeps at least 60% of its area visible. In about 1 scene in 4 with
-    several objects, two objects share a colour (different shapes).
+    several objects, two objects share a colour (different shapes). Object radii are drawn uniformly from
+    ``radius_range`` (pixels at 64 px, scaled with ``size``; default ``SINGLE_RADIUS`` for one object,
+    ``MULTI_RADIUS`` for 2-3, ``CROWDED_RADIUS`` for 4; ``(10.0, 15.0)`` gives the first world's 2-3-object
+    scenes).
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")
@@ -203,7 +224,7 @@ def render_scene(seed: int, num_objects: int | None = None, size: int = IMAGE_SI
             else:
                 color = COLORS[int(rng.integers(len(COLORS)))]
             texture = "striped" if rng.random() < STRIPED_PROB else "plain"
-            radius = rng.uniform(10.0, 15.0) if k > 1 else rng.uniform(12.0, 19.0)
+            radius = rng.uniform(*(radius_range or _default_radius(k)))
             radius *= scale
             cx, cy = rng.uniform(radius * 0.9, size - radius * 0.9, 2)
             angle = rng.uniform(-25.0, 25.0)

@@ -49,10 +49,12 @@ def eot_ratio(eot_map: torch.Tensor, masks: list[np.ndarray]) -> float:
     return float(eot[obj].mean() / max(float(eot[~obj].mean()), 1e-12))
 
 
-def localization_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int]) -> tuple[dict, list[dict]]:
+def localization_diagnostics(
+    pipe: ConceptExpressPipeline, seeds: list[int], radius_range=None
+) -> tuple[dict, list[dict]]:
     rows = []
     for s in seeds:
-        scene = render_scene(s, num_objects=2 + s % 2)
+        scene = render_scene(s, num_objects=2 + s % 2, radius_range=radius_range)
         n = len(scene.masks)
         gen = torch.Generator().manual_seed(0)
         km1 = pipe.localize_concepts(scene.image, method="kmeans", num_concepts=n + 1, generator=gen)
@@ -87,7 +89,7 @@ def localization_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int]) -> 
     return summary, rows
 
 
-def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int]) -> dict:
+def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int], radius_range=None) -> dict:
     """k-means (K = objects + 1) mIoU when only some self-attention layers are aggregated (an option of the
     method's config, not a change of the method): which resolutions carry the object structure."""
     variants = {
@@ -102,7 +104,7 @@ def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int]) -> di
     for name, opts in variants.items():
         vals = []
         for s in seeds:
-            scene = render_scene(s, num_objects=2 + s % 2)
+            scene = render_scene(s, num_objects=2 + s % 2, radius_range=radius_range)
             res = pipe.localize_concepts(
                 scene.image,
                 method="kmeans",
@@ -167,6 +169,13 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-t2i", action="store_true")
+    p.add_argument(
+        "--radius-range",
+        type=float,
+        nargs=2,
+        default=None,
+        help="object radii of the 2-3-object scenes, px (default: the world's; 10 15 = the first world's)",
+    )
     p.add_argument("--per-factor-scenes", type=int, default=50, help="scenes for the per-resolution table")
     p.add_argument("--grid", default=None, help="save the generated images as one PNG grid here")
     p.add_argument("--out", default="benchmarks/results/toyworld_diagnostics.json")
@@ -177,9 +186,12 @@ def main() -> None:
     pipe = ConceptExpressPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(args.seed_start, args.seed_start + args.scenes))
-    loc, loc_rows = localization_diagnostics(pipe, seeds)
+    radius = tuple(args.radius_range) if args.radius_range else None
+    loc, loc_rows = localization_diagnostics(pipe, seeds, radius)
     per_factor = (
-        per_factor_diagnostics(pipe, seeds[: args.per_factor_scenes]) if args.per_factor_scenes else {}
+        per_factor_diagnostics(pipe, seeds[: args.per_factor_scenes], radius)
+        if args.per_factor_scenes
+        else {}
     )
     t_loc = time.time() - t0
     t2i, t2i_rows = {}, []
@@ -197,6 +209,7 @@ def main() -> None:
     result = {
         "model": str(model),
         "scenes_seeds": [seeds[0], seeds[-1]],
+        "radius_range": radius,
         **loc,
         **t2i,
         "kmeans_miou_by_layers": per_factor,

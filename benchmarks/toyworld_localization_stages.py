@@ -1,28 +1,31 @@
 """Where the published localizer loses objects on the toy world: each stage against ground truth.
 
     python benchmarks/toyworld_localization_stages.py [--scenes 200] [--stage-scenes 50] [--threads 2]
+        [--radius-range 10 15]   # the first world's object sizes
 
-1. **Stages** (``--stage-scenes`` scenes of the quality benchmark, seeds 20,000 + i, 2 objects for even i and
-   3 for odd i): the mIoU an oracle would reach by taking, for each object, the union of the chosen FINCH
-   level's candidate clusters that lie mostly (> 1/2) inside it, from all candidates ("pre-clustering") and
-   from the candidates the [EOT] filter keeps ("after the filter"); then the localizer's own mIoU and
-   exact-count rate. And a census of the concepts it returns: mostly background (< 1/2 inside any object),
-   extra fragments of an object that has one already, spanning two objects (> 1/5 of the concept in each),
-   and the objects no concept covers.
-2. **[EOT] filter per object attribute.** The published filter keeps a cluster when its EOT score (mean of the min-max normalised [EOT] map of the
-empty prompt inside the cluster / mean over the image, ``localization.eot_scores``) is above 1. Here the
-"cluster" is the ground-truth object itself (its mask on the latent grid, area >= 1/2 of a cell): a perfect
-pre-clustering would still lose the objects whose score is <= 1. On ``--scenes`` fresh 2-3-object scenes
-(seeds from ``--seed-start``) with the shipped toy model (or ``--model``), per colour, texture and shape of
-the object: the mean score, the share of objects with score > 1, and the object / background ratio of the
-raw map at image resolution (property (b) of issue 4, per object). Also the share of scenes where every
-object passes. Prints a markdown table and writes JSON (``benchmarks/results/toyworld_localization_stages.json``).
+1. **Stages** (``--stage-scenes`` scenes of the quality benchmark, seeds 20,000 + i, 2 objects for even i
+   and 3 for odd i): the mIoU an oracle would reach by taking, for each object, the union of the chosen
+   FINCH level's candidate clusters that lie mostly (> 1/2) inside it, from all candidates
+   ("pre-clustering") and from those the [EOT] filter keeps ("after the filter"); the localizer's own mIoU
+   and exact-count rate; K-means given K = objects + 1 for comparison. And a census of the concepts it
+   returns: mostly background (< 1/2 inside any object), extra fragments of an object that has one
+   already, spanning two objects (> 1/5 of the concept in each), and the objects no concept covers.
+2. **[EOT] filter per object attribute** (``--scenes`` scenes, seeds from ``--seed-start``). The published
+   filter keeps a cluster when its EOT score (mean of the min-max normalised [EOT] map of the empty prompt
+   inside the cluster / mean over the image, ``localization.eot_scores``) is above 1. Here the "cluster" is
+   the ground-truth object itself (its mask on the latent grid, area >= 1/2 of a cell): a perfect
+   pre-clustering would still lose the objects whose score is <= 1. Per colour, texture and shape: the
+   mean score, the share of objects with score > 1, and the object / background ratio of the raw map at
+   image resolution (property (b) of issue 4, per object); and the share of scenes where every object
+   passes.
+
+Shipped toy model by default (or ``--model``). Prints markdown tables and writes JSON
+(``benchmarks/results/toyworld_localization_stages.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 from pathlib import Path
 
@@ -36,9 +39,9 @@ from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
 
 
-def object_scores(pipe, seed: int, num_objects: int) -> list[dict]:
+def object_scores(pipe, seed: int, num_objects: int, radius_range=None) -> list[dict]:
     """Per ground-truth object of one scene: its attributes, filter score and raw object/background ratio."""
-    scene = render_scene(seed, num_objects=num_objects)
+    scene = render_scene(seed, num_objects=num_objects, radius_range=radius_range)
     # the [EOT] map does not depend on the localizer; k-means is the cheapest one that returns it
     res = pipe.localize_concepts(
         scene.image, method="kmeans", num_concepts=2, generator=torch.Generator().manual_seed(0)
@@ -72,10 +75,13 @@ def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
-def stage_record(pipe, seed: int, num_objects: int) -> dict:
+def stage_record(pipe, seed: int, num_objects: int, radius_range=None) -> dict:
     """Oracle mIoUs of the pre-clustering and of the kept clusters, the result's mIoU, and its concept census."""
-    scene = render_scene(seed, num_objects=num_objects)
+    scene = render_scene(seed, num_objects=num_objects, radius_range=radius_range)
     res = pipe.localize_concepts(scene.image, generator=torch.Generator().manual_seed(0))
+    km = pipe.localize_concepts(
+        scene.image, method="kmeans", num_concepts=num_objects + 1, generator=torch.Generator().manual_seed(0)
+    )
     cand = res.details.candidate_labels.numpy()
     kept = res.details.kept.numpy()
     size = scene.masks[0].shape
@@ -104,6 +110,7 @@ def stage_record(pipe, seed: int, num_objects: int) -> dict:
         "oracle_pre": oracle(np.ones(len(kept), dtype=bool)),
         "oracle_kept": oracle(kept),
         "miou": mask_metrics(scene.masks, masks).miou,
+        "kmeans_miou": mask_metrics(scene.masks, [np.asarray(m, dtype=bool) for m in km.masks]).miou,
         "exact": len(masks) == num_objects,
         "background": owners.count(None),
         "fragments": sum(max(c - 1, 0) for c in counts),
@@ -114,76 +121,101 @@ def stage_record(pipe, seed: int, num_objects: int) -> dict:
     }
 
 
+def _markdown_row(values) -> str:
+    return "| " + " | ".join(str(v) for v in values) + " |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy model)")
-    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--scenes", type=int, default=200, help="scenes of the per-attribute part (0: skip it)")
     p.add_argument("--seed-start", type=int, default=30_000)
     p.add_argument("--stage-scenes", type=int, default=50)
     p.add_argument("--stage-seed-start", type=int, default=20_000)
+    p.add_argument(
+        "--radius-range",
+        type=float,
+        nargs=2,
+        default=None,
+        help="object radii of the scenes, px (default: the world's; 10 15 = the first world's)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/toyworld_localization_stages.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
     pipe.set_progress_bar_config(disable=True)
-    stages = [stage_record(pipe, args.stage_seed_start + i, 2 + i % 2) for i in range(args.stage_scenes)]
-    stage_table = {
-        key: float(np.mean([r[key] for r in stages]))
-        for key in ("oracle_pre", "oracle_kept", "miou", "exact")
-    }
-    census = {
-        key: int(sum(r[key] for r in stages))
-        for key in ("objects", "concepts", "background", "fragments", "spanning", "missed")
-    }
+    radius = tuple(args.radius_range) if args.radius_range else None
+    summary: dict = {"radius_range": radius}
+
+    stages = [
+        stage_record(pipe, args.stage_seed_start + i, 2 + i % 2, radius) for i in range(args.stage_scenes)
+    ]
+    keys = ("oracle_pre", "oracle_kept", "miou", "exact", "kmeans_miou")
+    summary["stages"] = {key: float(np.mean([r[key] for r in stages])) for key in keys}
+    census_keys = ("objects", "concepts", "background", "fragments", "spanning", "missed")
+    summary["census"] = {key: int(sum(r[key] for r in stages)) for key in census_keys}
+    st = summary["stages"]
     print(
         f"Stages, {args.stage_scenes} scenes (seeds {args.stage_seed_start}-"
-        f"{args.stage_seed_start + args.stage_scenes - 1}):\n"
-    )
-    print("| oracle on the pre-clustering | oracle on the kept clusters | localizer mIoU | exact count |")
-    print("|---|---|---|---|")
-    print(
-        f"| {stage_table['oracle_pre']:.3f} | {stage_table['oracle_kept']:.3f} | {stage_table['miou']:.3f} | "
-        f"{stage_table['exact']:.0%} |\n"
+        f"{args.stage_seed_start + args.stage_scenes - 1}), radius range {radius or 'of the world'}:\n"
     )
     print(
-        "| objects | concepts returned | mostly background | extra fragments | spanning 2 objects | objects missed |"
+        "| oracle on the pre-clustering | oracle on the kept clusters | localizer mIoU | exact count | "
+        "k-means (K = objects + 1) mIoU |\n|---|---|---|---|---|"
     )
-    print("|---|---|---|---|---|---|")
-    print("| " + " | ".join(str(census[k]) for k in census) + " |\n")
-    rows, scenes_ok = [], []
-    for i in range(args.scenes):
-        objects = object_scores(pipe, args.seed_start + i, 2 + i % 2)
-        rows += objects
-        scenes_ok.append(all(o["score"] > 1 for o in objects))
-    groups = collections.defaultdict(list)
-    for r in rows:
-        groups["all objects"].append(r)
-    for key, values in (("color", COLORS), ("texture", ("plain", "striped")), ("shape", SHAPES)):
-        for value in values:
-            groups[f"{key}: {value}"] = [r for r in rows if r[key] == value]
-    table = {
-        name: {
-            "objects": len(g),
-            "mean_score": float(np.mean([r["score"] for r in g])),
-            "kept": float(np.mean([r["score"] > 1 for r in g])),
-            "mean_ratio": float(np.mean([r["ratio"] for r in g])),
-        }
-        for name, g in groups.items()
-    }
-    print(f"[EOT] filter per attribute, {args.scenes} scenes (seeds {args.seed_start}-{args.seed_start + args.scenes - 1}); every object "
-          f"passes in {np.mean(scenes_ok):.0%} of them\n")  # fmt: skip
-    print("| objects | n | filter score (mean) | score > 1 (kept) | object / background, raw map |")
-    print("|---|---|---|---|---|")
-    for name, t in table.items():
-        print(
-            f"| {name} | {t['objects']} | {t['mean_score']:.2f} | {t['kept']:.0%} | {t['mean_ratio']:.2f} |"
+    print(
+        _markdown_row(
+            [
+                f"{st['oracle_pre']:.3f}",
+                f"{st['oracle_kept']:.3f}",
+                f"{st['miou']:.3f}",
+                f"{st['exact']:.0%}",
+                f"{st['kmeans_miou']:.3f}",
+            ]
         )
+        + "\n"
+    )
+    print(
+        "| objects | concepts returned | mostly background | extra fragments | spanning 2 objects | "
+        "objects missed |\n|---|---|---|---|---|---|"
+    )
+    print(_markdown_row(summary["census"].values()) + "\n")  # fmt: skip
+
+    if args.scenes:
+        rows, scenes_ok = [], []
+        for i in range(args.scenes):
+            objects = object_scores(pipe, args.seed_start + i, 2 + i % 2, radius)
+            rows += objects
+            scenes_ok.append(all(o["score"] > 1 for o in objects))
+        groups = {"all objects": rows}
+        for key, values in (("color", COLORS), ("texture", ("plain", "striped")), ("shape", SHAPES)):
+            for value in values:
+                groups[f"{key}: {value}"] = [r for r in rows if r[key] == value]
+        table = {
+            name: {
+                "objects": len(g),
+                "mean_score": float(np.mean([r["score"] for r in g])),
+                "kept": float(np.mean([r["score"] > 1 for r in g])),
+                "mean_ratio": float(np.mean([r["ratio"] for r in g])),
+            }
+            for name, g in groups.items()
+            if g
+        }
+        summary["scenes_all_kept"] = float(np.mean(scenes_ok))
+        summary["groups"] = table
+        print(
+            f"[EOT] filter per attribute, {args.scenes} scenes (seeds {args.seed_start}-"
+            f"{args.seed_start + args.scenes - 1}); every object passes in {np.mean(scenes_ok):.0%} of them\n"
+        )
+        print("| objects | n | filter score (mean) | score > 1 (kept) | object / background, raw map |\n"
+              "|---|---|---|---|---|")  # fmt: skip
+        for name, t in table.items():
+            print(_markdown_row([name, t["objects"], f"{t['mean_score']:.2f}", f"{t['kept']:.0%}",
+                                 f"{t['mean_ratio']:.2f}"]))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"scenes_all_kept": float(np.mean(scenes_ok)), "groups": table}, indent=1) + "\n"
-    )
+    out.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

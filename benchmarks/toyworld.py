@@ -13,12 +13,15 @@ toy model (or ``--model``):
 2. **extraction** with ``schedule="fast"`` and ``schedule="faithful"``, each with our masks and with the
    ground-truth masks (``masks=``): SIM^I, SIM^C, ACC^1, ACC^3 with the toy encoder, the share of
    single-concept generations whose main object ``toyworld.classify`` reads as the ground-truth object of
-   that concept (shape and colour; with our masks, the object the concept's mask matches, an unmatched
-   concept counts as wrong), seconds per image and UNet sample-passes per image.
+   that concept (shape and colour, and each of them alone; with our masks, the object the concept's mask
+   matches, an unmatched concept counts as wrong), seconds per image and UNet sample-passes per image.
 
-Everything per scene is cached under ``--work`` (default ``.benchmark-runs/toyworld``, not in git; one
-sub-folder per model, named by a hash of its weights): an
-interrupted run resumes where it stopped, so the extraction part can be spread over several sessions. The
+Each finished extraction is recorded under ``--records`` (default ``benchmarks/results/toyworld_extraction``,
+committed; one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its
+result, masks and learned embeddings. The generated images go to ``--work`` (default
+``.benchmark-runs/toyworld``, not in git) and are regenerated from the embeddings when missing. So an
+interrupted run resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over
+parallel processes and ``--summarize-only`` tabulates the scenes whose every variant is recorded. The
 summary goes to ``benchmarks/results/toyworld.json`` and, with ``--update-docs``, into docs/benchmarks.md
 between the ``toyworld-benchmark`` markers.
 """
@@ -234,7 +237,9 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
 
 
 def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
-    sets, correct, total, seconds, samples = [], 0, 0, [], []
+    sets, seconds, samples = [], [], []
+    right = {"both": 0, "shape": 0, "color": 0}
+    total = 0
     for seed, n in items:
         result = json.loads(_result_path(records, variant, seed).read_text())
         folder = _samples_dir(work, variant, seed)
@@ -245,12 +250,12 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         sets.append(ConceptSet(scene.image, masks, single, joint, name=str(seed)))
         for k, images in enumerate(single):
             target = result["targets"][k]
+            truth = scene.objects[target] if target is not None else {}
             for read in classify(images):
-                ok = target is not None and (read["shape"], read["color"]) == (
-                    scene.objects[target]["shape"],
-                    scene.objects[target]["color"],
-                )
-                correct += int(ok)
+                shape, color = read["shape"] == truth.get("shape"), read["color"] == truth.get("color")
+                right["both"] += int(shape and color)
+                right["shape"] += int(shape)
+                right["color"] += int(color)
                 total += 1
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
@@ -260,7 +265,9 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "sim_c": metrics.sim_c,
         "acc1": metrics.acc1,
         "acc3": metrics.acc3,
-        "generation_correct": correct / max(total, 1),
+        "generation_correct": right["both"] / max(total, 1),
+        "generation_shape": right["shape"] / max(total, 1),
+        "generation_color": right["color"] / max(total, 1),
         "generations": total,
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
@@ -298,11 +305,13 @@ def markdown(summary: dict, header: dict) -> str:
     )  # fmt: skip
     ext = summary.get("extraction") or {}
     lines += _table(
-        ["extraction", "SIM^I", "SIM^C", "ACC^1", "ACC^3", "generations correct", "s / image",
+        ["extraction", "SIM^I", "SIM^C", "ACC^1", "ACC^3", "generations correct", "shape / colour right", "s / image",
          "UNet samples / image", "scenes"],
         [
             [name, f"{r['sim_i']:.3f}", "-" if r["sim_c"] is None else f"{r['sim_c']:.3f}", f"{r['acc1']:.3f}",
-             f"{r['acc3']:.3f}", f"{r['generation_correct']:.0%} ({r['generations']})", f"{r['seconds']:.0f}",
+             f"{r['acc3']:.3f}", f"{r['generation_correct']:.0%} ({r['generations']})",
+             f"{r.get('generation_shape', float('nan')):.0%} / {r.get('generation_color', float('nan')):.0%}",
+             f"{r['seconds']:.0f}",
              f"{r['unet_samples']:.0f}", str(r["scenes"])]
             for name, r in ext.items()
         ],

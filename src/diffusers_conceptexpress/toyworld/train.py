@@ -688,10 +688,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         )
 
     def diagnose(model) -> dict:
-        """The attention diagnostics and the shape-word gain of ``model`` (a CPU copy: the pipeline's device)."""
-        copy = make_unet(args.unet_arch).requires_grad_(False)
-        copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-        pipe = assemble_pipeline(run_dir, copy.eval())
+        """The attention diagnostics and the shape-word gain of ``model`` (on the CPU, the pipeline's device)."""
+        if device.type != "cpu":
+            copy = make_unet(args.unet_arch).requires_grad_(False)
+            copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+            model = copy
+        pipe = assemble_pipeline(run_dir, model.eval())
         d = attention_diagnostics(pipe, diag_seeds)
         d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
         return d

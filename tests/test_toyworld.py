@@ -258,3 +258,77 @@ def test_object_sizes_follow_the_world_and_the_first_world_stays_reproducible():
     first = render_scene(20_001, num_objects=3, radius_range=(10.0, 15.0))
     assert hashlib.sha256(np.asarray(first.image).tobytes()).hexdigest()[:16] == "5332136c6404bf57"
     assert all(10.0 <= o["size"] <= 15.0 for o in first.objects)
+
+
+# ------------------------------------------------------------------ trainer: the fifth model's additions
+def test_eot_objectness_loss_known_answers():
+    from diffusers_conceptexpress.toyworld.train import eot_objectness_loss
+
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :4, :4] = 1  # object 1: the top-left quarter (a 2x2 block of the 4x4 map)
+    labels[0, 4:, 4:] = 2  # object 2: the bottom-right quarter
+    on_objects = torch.zeros(1, 4, 4)
+    on_objects[0, :2, :2] = on_objects[0, 2:, 2:] = 1.0
+    # objects hold all the mass: ratio 2 each (= the target, and 0.9 / coverage 0.5 = 1.8 caps it below 2),
+    # and the background cells are at 0 < 0.5 x the mean: nothing to pull
+    assert eot_objectness_loss(on_objects, labels).item() == pytest.approx(0.0, abs=1e-6)
+    # a flat map: every ratio is 1 -> log(1.8) per object; every background cell is at 1 x the mean -> 0.5
+    flat = torch.ones(1, 4, 4, requires_grad=True)
+    loss = eot_objectness_loss(flat, labels)
+    assert loss.item() == pytest.approx(np.log(1.8) + 0.5, rel=1e-5)
+    loss.backward()
+    assert flat.grad[0, 0, 0] < 0 < flat.grad[0, 0, 3]  # raise the objects, lower the background
+    # only object 1 lit: object 2 (ratio 0) costs the clamped log, object 1 is fine
+    one = torch.zeros(1, 4, 4)
+    one[0, :2, :2] = 1.0
+    assert eot_objectness_loss(one, labels).item() > eot_objectness_loss(on_objects, labels).item() + 1.0
+
+
+def test_pool_labels_mark_each_objects_visible_pixels():
+    from diffusers_conceptexpress.toyworld.train import scene_batch
+
+    x, captions, labels = scene_batch([5, 6], labels=True)
+    assert x.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64) and labels.dtype == torch.uint8
+    for b, seed in enumerate([5, 6]):
+        scene = render_scene(seed)
+        assert captions[b] == scene.caption
+        for i, mask in enumerate(scene.masks):
+            assert np.array_equal(labels[b].numpy() == i + 1, mask)
+        assert (labels[b] == 0).numpy().tolist() == (~np.any(scene.masks, axis=0)).tolist()
+
+
+def test_compound_conditioning_is_the_learning_prompt_with_summed_word_embeddings(offline):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_conceptexpress.toyworld.train import compound_conditioning, object_phrases
+
+    assert object_phrases("a photo of a red circle and a blue striped star") == [
+        ["red", "circle"],
+        ["blue", "striped", "star"],
+    ]
+    tok = CLIPTokenizer.from_pretrained(model_path(), subfolder="tokenizer")
+    text = CLIPTextModel.from_pretrained(model_path(), subfolder="text_encoder").eval()
+    captions = ["a photo of a red circle and a blue striped star", "a photo of a green heart"]
+    ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    table = text.get_input_embeddings()
+    states = compound_conditioning(tok, text, ids)
+    assert states.shape == (2, 77, 64) and states.dtype == torch.float16
+    assert text.get_input_embeddings() is table and table.weight.shape[0] == len(tok)  # restored
+    # the same thing the standard way: two new tokens whose rows are the sums, then "a photo of <a> and <b>"
+    words = table.weight.detach().clone()
+
+    def row(*ws):
+        return sum(words[tok.convert_tokens_to_ids(f"{w}</w>")] for w in ws)
+
+    tok.add_tokens(["<a>", "<b>"])
+    text.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        text.get_input_embeddings().weight[-2] = row("red", "circle")
+        text.get_input_embeddings().weight[-1] = row("blue", "striped", "star")
+        ref = text(
+            tok(
+                ["a photo of <a> and <b>"], padding="max_length", max_length=77, return_tensors="pt"
+            ).input_ids
+        )
+    assert torch.allclose(states[0].float(), ref.last_hidden_state[0], atol=2e-3)
+    assert not torch.allclose(states[0].float(), states[1].float(), atol=1e-2)

@@ -5,7 +5,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
 1. ``vae``: AutoencoderKL (32, 64), factor 2, 4 latent channels, trained on random 32x32 crops of scenes
    (fully convolutional, so it transfers to 64x64); its ``scaling_factor`` is set to 1 / the measured latent
    std.
-2. ``pool``: render ``--pool`` scenes, encode them once (posterior mean) and tokenize their captions.
+2. ``pool``: render ``--pool`` scenes, encode them once (posterior mean), tokenize their captions and keep
+   their object label maps.
 3. ``clip``: CLIP-style contrastive pretraining of the text encoder (CLIPTextModel, 64-d, 3 layers) against a
    small CNN image encoder on the scenes; captions use the method's template ("a photo of a red circle and a
    blue star"). The [EOT] state of the EMPTY prompt is pulled towards the mean image embedding (generic
@@ -14,7 +15,12 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    down, shipped; or "attn-32-16-8", the first model; none at 4x4; ``--unet-init`` warm-starts), with the text
    encoder FROZEN (as SD trained on a frozen CLIP). Epsilon prediction, SD's scaled-linear betas, 10%
    empty captions (classifier-free guidance), horizontal flips, EMA weights, ``--unet-weighting`` (plain MSE or
-   normalised per noise level). Every ``--diag-every`` steps it
+   normalised per noise level). ``--compound-prob`` gives that share of captions in the form of the method's
+   learning prompts, ONE input slot per object ("a photo of <x_0> and <x_1>", each slot the sum of its
+   object's word embeddings: ``compound_conditioning``); ``--eot-weight`` adds, on a second small batch of
+   clean latents at t = 0 with the empty prompt (the localization pass), a hinge loss that makes the [EOT]
+   map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
+   labels). Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
    ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
@@ -42,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import AttentionRecorder, capture_attention, nearest_factor, unet_cross_attention_factors
+from ..localization import LocalizationConfig, find_eot_index
 from . import WORDS
 from .scenes import COLORS, IMAGE_SIZE, SHAPES, caption_for, render_scene
 
@@ -255,9 +263,18 @@ def save_ckpt(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def scene_batch(seeds) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(seeds, labels: bool = False):
+    """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds``; with ``labels``, also their object
+    label maps (B, 64, 64) uint8: 0 = background, i + 1 = the visible pixels of object i."""
     scenes = [render_scene(int(s)) for s in seeds]
-    return to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+    out = to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+    if not labels:
+        return out
+    maps = np.zeros((len(scenes), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for b, scene in enumerate(scenes):
+        for i, m in enumerate(scene.masks):
+            maps[b][m] = i + 1
+    return (*out, torch.from_numpy(maps))
 
 
 # ------------------------------------------------------------------------------- stages
@@ -375,17 +392,20 @@ def stage_pool(args, run_dir: Path, log: Logger) -> None:
         return
     vae = load_vae(run_dir)
     tokenizer = build_tokenizer(run_dir / "tokenizer")
-    lat, ids, images = [], [], []
+    lat, ids, images, labels = [], [], [], []
     t0 = time.time()
     for start in range(0, args.pool, 256):
         seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(args.pool, start + 256))
-        x, caps = scene_batch(seeds)
+        x, caps, lab = scene_batch(seeds, labels=True)
+        labels.append(lab)
         with torch.no_grad():
             lat.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half())
         ids.append(tokenizer(caps, padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
         images.append(((x + 1) * 127.5).round().to(torch.uint8))
     log(stage="pool", n=args.pool, s=round(time.time() - t0, 1))
-    save_ckpt(path, latents=torch.cat(lat), ids=torch.cat(ids), images=torch.cat(images))
+    save_ckpt(
+        path, latents=torch.cat(lat), ids=torch.cat(ids), images=torch.cat(images), labels=torch.cat(labels)
+    )
 
 
 def stage_clip(args, run_dir: Path, log: Logger) -> None:
@@ -572,6 +592,91 @@ def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: i
     return out
 
 
+def object_phrases(caption: str) -> list[list[str]]:
+    """The words of each object of a template caption: "a photo of a red circle and a blue striped star" ->
+    [["red", "circle"], ["blue", "striped", "star"]]."""
+    body = caption.removeprefix("a photo of ")
+    return [phrase.removeprefix("a ").split() for phrase in body.split(" and ")]
+
+
+@torch.no_grad()
+def compound_conditioning(tokenizer, text, ids: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Text-encoder states of the learning-prompt form of every caption: ONE input slot per object.
+
+    "a photo of a red circle and a blue star" becomes "a photo of <x_0> and <x_1>", where the input
+    embedding of ``<x_i>`` is the sum of its object's word embeddings (red + circle, blue + striped + star):
+    the structure of ConceptExpress's prompts ("a photo of <c_0> and <c_1>"), in which one learned token
+    stands for a whole object, as one word ("dog") does in Stable Diffusion's captions.
+
+    Args:
+        ids: (N, 77) token ids of template captions (padded).
+
+    Returns:
+        (N, 77, d) float16 last hidden states.
+    """
+    table = text.get_input_embeddings()
+    vocab = table.weight.shape[0]
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    rows, compound = [], {}
+    seqs = []
+    for row in ids.tolist():
+        words = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in row if i not in special]
+        seq = tokenizer("a photo of", add_special_tokens=False).input_ids
+        for k, phrase in enumerate(object_phrases(" ".join(words))):
+            key = tuple(phrase)
+            if key not in compound:
+                compound[key] = vocab + len(rows)
+                rows.append(
+                    table.weight[tokenizer(" ".join(phrase), add_special_tokens=False).input_ids].sum(0)
+                )
+            seq += ([] if k == 0 else tokenizer("and", add_special_tokens=False).input_ids) + [compound[key]]
+        seq = [tokenizer.bos_token_id, *seq, tokenizer.eos_token_id]
+        seqs.append(seq + [tokenizer.pad_token_id] * (ids.shape[1] - len(seq)))
+    extended = torch.nn.Embedding.from_pretrained(torch.cat([table.weight, torch.stack(rows)]), freeze=True)
+    text.set_input_embeddings(extended)
+    try:
+        new_ids = torch.tensor(seqs)
+        return torch.cat(
+            [text(new_ids[i : i + batch]).last_hidden_state.half() for i in range(0, len(seqs), batch)]
+        )
+    finally:
+        text.set_input_embeddings(table)
+
+
+def eot_objectness_loss(
+    eot: torch.Tensor, labels: torch.Tensor, target: float = 2.0, background: float = 0.5
+) -> torch.Tensor:
+    """Hinge loss that makes the empty prompt's [EOT] map salient on every object and low on the background.
+
+    Args:
+        eot: (B, h, w) [EOT] cross-attention of the empty prompt (probabilities, head- and layer-averaged).
+        labels: (B, H, W) integer object label maps (0 = background, i + 1 = object i), H and W multiples
+            of h and w.
+        target: wanted object ratio: mean of the map over an object / mean over the image (capped per scene
+            at 0.9 / the share of the image that objects cover, so it stays reachable).
+        background: pure-background cells should stay below this multiple of the image mean.
+
+    Returns:
+        scalar: mean over present objects of relu(log target - log ratio) + mean over cells with no object
+        of relu(map / image mean - background). Zero once every object and background cell is on the right
+        side, so it stops pulling there.
+    """
+    h, w = eot.shape[-2:]
+    num = int(labels.max()) + 1
+    onehot = F.one_hot(labels.long(), num).permute(0, 3, 1, 2).float()
+    frac = F.adaptive_avg_pool2d(onehot, (h, w))  # (B, objects + 1, h, w): share of each map cell
+    mean = eot.mean((1, 2))
+    area = frac.sum((2, 3))
+    ratio = (frac * eot[:, None]).sum((2, 3)) / area.clamp_min(1e-6) / mean[:, None]
+    present = area[:, 1:] > 0
+    coverage = 1.0 - frac[:, 0].mean((1, 2))
+    wanted = torch.clamp(0.9 / coverage.clamp_min(1e-6), max=target)
+    objects = F.relu(torch.log(wanted)[:, None] - torch.log(ratio[:, 1:].clamp_min(1e-6)))[present]
+    cells = F.relu(eot / mean[:, None, None] - background)[frac[:, 0] > 0.99]
+    zero = eot.sum() * 0.0
+    return (objects.mean() if objects.numel() else zero) + (cells.mean() if cells.numel() else zero)
+
+
 class NoiseLevelWeights:
     """Per-noise-level loss normalisation: weight each sample by 1 / (running mean MSE of its timestep bin).
 
@@ -649,16 +754,32 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             return  # finished within this budget; a larger --unet-steps / --unet-minutes resumes it
     tokenizer, text = load_text_encoder(run_dir)
     pool = torch.load(run_dir / "pool.pt", weights_only=False)
-    latents, ids = pool["latents"], pool["ids"]
+    latents, ids, labels = pool["latents"], pool["ids"], pool.get("labels")
     del pool
+    empty_ids = tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids
     with torch.no_grad():
         cond = torch.cat([text(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
-        empty = text(tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
-        empty = empty.last_hidden_state
+        empty = text(empty_ids).last_hidden_state
+    compound = compound_conditioning(tokenizer, text, ids) if args.compound_prob > 0 else None
+    eot_recorder = None
+    if args.eot_weight > 0:
+        if labels is None:
+            raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
+        # the [EOT] map of the empty prompt at t = 0 exactly as localization reads it (pipeline.py)
+        eot_factor = nearest_factor(unet_cross_attention_factors(unet), LocalizationConfig.eot_factor)
+        eot_recorder = AttentionRecorder(
+            (LATENT, LATENT),
+            record_self=False,
+            cross_token_indices=[find_eot_index(empty_ids[0], tokenizer.eos_token_id)],
+            cross_factors=[eot_factor],
+            cross_with_grad=True,
+        )
     noise_sched = DDPMScheduler.from_config(make_scheduler().config)
     acp = noise_sched.alphas_cumprod.to(device)
     # the pool moves to the device once; random draws stay on the CPU generator (same run on any device)
     latents, cond, empty = latents.to(device), cond.to(device), empty.to(device)
+    if compound is not None:
+        compound = compound.to(device)
     n = latents.shape[0]
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     diag_seeds = list(range(100, 100 + args.diag_scenes))
@@ -698,7 +819,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
         return d
 
-    losses = []
+    losses, eot_losses = [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -706,6 +827,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
         c = cond[idx.to(device)].float()
         drop = (torch.rand(args.unet_batch, generator=g) < 0.1).to(device)
+        if compound is not None:  # the learning-prompt form of the caption (its own draw: old runs unchanged)
+            pick = (torch.rand(args.unet_batch, generator=g) < args.compound_prob).to(device)
+            c = torch.where(pick[:, None, None], compound[idx.to(device)].float(), c)
         c = torch.where(drop[:, None, None], empty.expand_as(c), c)
         t_cpu = torch.randint(0, 1000, (args.unet_batch,), generator=g)
         t = t_cpu.to(device)
@@ -723,6 +847,21 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         else:
             levels.update(t_cpu, mse)
             loss = (levels.weights(t_cpu).to(device) * mse).mean()
+        if eot_recorder is not None:
+            # clean latents, t = 0, the empty prompt: the localization pass (its own draws, after the above)
+            idx_e = torch.randint(0, n, (args.eot_batch,), generator=g)
+            flip_e = torch.rand(args.eot_batch, generator=g) < 0.5
+            z_e = latents[idx_e.to(device)].float()
+            z_e = torch.where(flip_e.to(device)[:, None, None, None], z_e.flip(-1), z_e)
+            lab_e = torch.where(flip_e[:, None, None], labels[idx_e].flip(-1), labels[idx_e]).to(device)
+            eot_recorder.reset()
+            with capture_attention(unet, eot_recorder):
+                t0_e = torch.zeros(args.eot_batch, dtype=torch.long, device=device)
+                unet(z_e, t0_e, encoder_hidden_states=empty.expand(args.eot_batch, -1, -1))
+            eot_loss = eot_objectness_loss(eot_recorder.cross_attention(eot_factor)[:, 0], lab_e)
+            eot_recorder.reset()
+            loss = loss + args.eot_weight * eot_loss
+            eot_losses.append(eot_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -739,8 +878,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 loss=round(float(np.mean(losses)), 5),
                 lr=lr,
                 min=round((time.time() - t_start) / 60, 2),
+                **({"eot_loss": round(float(np.mean(eot_losses)), 4)} if eot_losses else {}),
             )
-            losses = []
+            losses, eot_losses = [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if time.time() - last_ckpt > 300:
@@ -875,6 +1015,21 @@ def main(argv: list[str] | None = None) -> None:
         default="uniform",
         choices=["uniform", "noise-level"],
         help="loss weighting over timesteps: plain MSE, or each noise level normalised to the same share",
+    )
+    p.add_argument(
+        "--eot-weight",
+        type=float,
+        default=0.0,
+        help="weight of the [EOT] objectness loss (eot_objectness_loss) on a clean-latent, t = 0, empty-prompt "
+        "pass per step (0: off; needs a pool with labels)",
+    )
+    p.add_argument("--eot-batch", type=int, default=8, help="scenes per step of that pass")
+    p.add_argument(
+        "--compound-prob",
+        type=float,
+        default=0.0,
+        help="share of captions given in the learning-prompt form, one summed-embedding slot per object "
+        "(compound_conditioning)",
     )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--diag-every", type=int, default=500, help="steps between diagnostics (0: none)")

@@ -1,6 +1,7 @@
 """Why do learned toy tokens carry the colour of their object but not its shape? A probe.
 
     python benchmarks/toyworld_inversion_probe.py [--scenes 6] [--variants gt,full,dilate8] [--shard K/N]
+        [--option schedule=faithful --tag @faithful]
 
 Learns ONE concept from single-object toy scenes (seeds 30,000 + i, one object) with
 ``extract_concepts(masks=[...])`` and the published learning defaults (``schedule="fast"``), under
@@ -62,8 +63,21 @@ def score(images, obj: dict) -> dict:
     }
 
 
+def parse_options(items: list[str]) -> dict:
+    """``key=value`` pairs for ``extract_concepts`` (values read as JSON when they parse, else strings)."""
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
-    folder = work / variant / str(seed)
+    name = variant if variant == "word" else variant + args.tag
+    folder = work / name / str(seed)
     row_path = folder / "row.json"
     if row_path.is_file():
         return json.loads(row_path.read_text())
@@ -89,6 +103,7 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
             num_train_steps=args.steps,
             generator=torch.Generator().manual_seed(args.seed),
             load=False,
+            **parse_options(args.option),
         )
         pipe.load_concepts(out)
         generate_samples(
@@ -97,7 +112,8 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
         )  # fmt: skip
     row = {
         "seed": seed,
-        "variant": variant,
+        "variant": name,
+        "options": args.option,
         "object": f"{obj['color']} {obj['shape']}",
         "seconds": time.perf_counter() - t0,
         **score(read_samples(folder, "concept_1", args.samples), obj),
@@ -127,10 +143,16 @@ def main() -> None:
     p.add_argument(
         "--grid", type=Path, default=None, help="PNG: source and generations per scene and variant"
     )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="extract_concepts option for the learned variants, e.g. schedule=faithful (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the variants' names for runs with --option")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
+    named = [v if v == "word" else v + args.tag for v in variants]
     k, n = (int(v) for v in args.shard.split("/"))
     seeds = [args.start + i for i in range(args.scenes)]
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
@@ -146,13 +168,13 @@ def main() -> None:
                 row = run_one(pipe, seed, variant, args, args.work)
                 print(json.dumps({kk: v for kk, v in row.items() if kk != "found"}), flush=True)
     rows = []
-    for variant in variants:
+    for variant in named:
         for seed in seeds:
             path = args.work / variant / str(seed) / "row.json"
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
     table = {}
-    for variant in variants:
+    for variant in named:
         mine = [r for r in rows if r["variant"] == variant]
         if mine:
             table[variant] = {
@@ -169,10 +191,10 @@ def main() -> None:
     if args.grid:
         tiles = []
         for seed in seeds:
-            if not all((args.work / v / str(seed) / "row.json").is_file() for v in variants):
+            if not all((args.work / v / str(seed) / "row.json").is_file() for v in named):
                 continue
             tiles.append(render_scene(seed, num_objects=1).image)
-            for variant in variants:
+            for variant in named:
                 tiles += read_samples(args.work / variant / str(seed), "concept_1", min(args.samples, 4))
         cols = 1 + len(variants) * min(args.samples, 4)
         if tiles:

@@ -284,6 +284,37 @@ def test_eot_objectness_loss_known_answers():
     assert eot_objectness_loss(one, labels).item() > eot_objectness_loss(on_objects, labels).item() + 1.0
 
 
+def test_self_attention_grouping_loss_known_answers():
+    from diffusers_conceptexpress.toyworld.train import self_attention_grouping_loss
+
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :4, :4] = 1  # the object: the top-left 2x2 cells of a 4x4 grid; 12 background cells
+    obj = torch.zeros(16, dtype=torch.bool)
+    obj[[0, 1, 4, 5]] = True
+    grouped = torch.zeros(1, 16, 16)
+    grouped[0][obj[:, None] & obj[None]] = 1 / 4  # object rows spread over the object
+    grouped[0][~obj[:, None] & ~obj[None]] = 1 / 12  # background rows over the background
+    assert self_attention_grouping_loss([grouped], labels).item() == pytest.approx(0.0, abs=1e-7)
+    # uniform rows: object cells put 4/16 on the object (0.8 - 0.25 short), background cells 12/16 (0.05 short)
+    uniform = torch.full((1, 16, 16), 1 / 16, requires_grad=True)
+    loss = self_attention_grouping_loss([uniform], labels)
+    assert loss.item() == pytest.approx((4 * 0.55 + 12 * 0.05) / 16, rel=1e-5)
+    loss.backward()
+    # more of an object row on the object lowers the loss; more of it on the background raises nothing
+    assert uniform.grad[0, 0, 5] < 0 and uniform.grad[0, 0, 15] == 0
+    # 2x2 grid, object = half of the top-left cell: that mixed cell is not scored; the 3 background cells
+    # put 1/4 x (0.5 + 1 + 1 + 1) = 0.875 of their rows on the background (keys count by covered share)
+    coarse = torch.full((1, 4, 4), 1 / 4)
+    labels_half = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels_half[0, :2, :4] = 1
+    assert self_attention_grouping_loss([coarse], labels_half).item() == pytest.approx(0.0, abs=1e-7)
+    got = self_attention_grouping_loss([coarse], labels_half, target=0.9).item()
+    assert got == pytest.approx(0.9 - 0.875, rel=1e-5)
+    # layers are averaged
+    both = self_attention_grouping_loss([grouped, uniform.detach()], labels).item()
+    assert both == pytest.approx(loss.item() / 2, rel=1e-5)
+
+
 def test_pool_labels_mark_each_objects_visible_pixels():
     from diffusers_conceptexpress.toyworld.train import scene_batch
 

@@ -20,7 +20,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    object's word embeddings: ``compound_conditioning``); ``--eot-weight`` adds, on a second small batch of
    clean latents at t = 0 with the empty prompt (the localization pass), a hinge loss that makes the [EOT]
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
-   labels). Every ``--diag-every`` steps it
+   labels); ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its
+   own object or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
    ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
@@ -677,6 +678,38 @@ def eot_objectness_loss(
     return (objects.mean() if objects.numel() else zero) + (cells.mean() if cells.numel() else zero)
 
 
+def self_attention_grouping_loss(
+    maps: list[torch.Tensor], labels: torch.Tensor, target: float = 0.8
+) -> torch.Tensor:
+    """Hinge loss that keeps each cell's self-attention inside its own object (or inside the background).
+
+    Args:
+        maps: per layer, (B, r * r, r * r) head-averaged self-attention probabilities (rows sum to 1) on a
+            square r x r grid.
+        labels: (B, H, W) integer object label maps (0 = background, i + 1 = object i), H and W multiples
+            of every r.
+        target: the wanted share of a row's attention that falls on the cells of its own segment.
+
+    Returns:
+        scalar: mean over layers of the mean, over "pure" query cells (at least 99% of the cell in one
+        segment), of relu(target - attention mass on that segment); the key axis counts every cell by the
+        share of it that the segment covers. Zero once every pure cell attends enough to its own segment.
+    """
+    num = int(labels.max()) + 1
+    onehot = F.one_hot(labels.long(), num).permute(0, 3, 1, 2).float()
+    zero = labels.new_zeros((), dtype=torch.float32)
+    terms = []
+    for attn in maps:
+        r = math.isqrt(attn.shape[-1])
+        frac = F.adaptive_avg_pool2d(onehot, (r, r)).flatten(2)  # (B, segments, r * r)
+        share, segment = frac.max(1)  # (B, r * r): the query cell's main segment
+        mass = torch.bmm(attn.float(), frac.transpose(1, 2))  # (B, r * r, segments)
+        own = mass.gather(2, segment[..., None])[..., 0]
+        pure = share > 0.99
+        terms.append(F.relu(target - own)[pure].mean() if pure.any() else zero + attn.sum() * 0.0)
+    return torch.stack(terms).mean() if terms else zero
+
+
 class NoiseLevelWeights:
     """Per-noise-level loss normalisation: weight each sample by 1 / (running mean MSE of its timestep bin).
 
@@ -762,15 +795,19 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         empty = text(empty_ids).last_hidden_state
     compound = compound_conditioning(tokenizer, text, ids) if args.compound_prob > 0 else None
     eot_recorder = None
-    if args.eot_weight > 0:
+    if args.eot_weight > 0 or args.group_weight > 0:
         if labels is None:
             raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
-        # the [EOT] map of the empty prompt at t = 0 exactly as localization reads it (pipeline.py)
+        # the localization pass (pipeline.py): clean latent, t = 0, empty prompt; the [EOT] map exactly as
+        # localization reads it, and every self-attention layer with its graph
         eot_factor = nearest_factor(unet_cross_attention_factors(unet), LocalizationConfig.eot_factor)
         eot_recorder = AttentionRecorder(
             (LATENT, LATENT),
-            record_self=False,
-            cross_token_indices=[find_eot_index(empty_ids[0], tokenizer.eos_token_id)],
+            record_self=args.group_weight > 0,
+            self_with_grad=True,
+            cross_token_indices=[find_eot_index(empty_ids[0], tokenizer.eos_token_id)]
+            if args.eot_weight > 0
+            else None,
             cross_factors=[eot_factor],
             cross_with_grad=True,
         )
@@ -819,7 +856,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
         return d
 
-    losses, eot_losses = [], []
+    losses, eot_losses, group_losses = [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -858,10 +895,16 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             with capture_attention(unet, eot_recorder):
                 t0_e = torch.zeros(args.eot_batch, dtype=torch.long, device=device)
                 unet(z_e, t0_e, encoder_hidden_states=empty.expand(args.eot_batch, -1, -1))
-            eot_loss = eot_objectness_loss(eot_recorder.cross_attention(eot_factor)[:, 0], lab_e)
+            if args.eot_weight > 0:
+                eot_loss = eot_objectness_loss(eot_recorder.cross_attention(eot_factor)[:, 0], lab_e)
+                loss = loss + args.eot_weight * eot_loss
+                eot_losses.append(eot_loss.item())
+            if args.group_weight > 0:
+                maps = list(eot_recorder.self_attention_maps().values())
+                group_loss = self_attention_grouping_loss(maps, lab_e, args.group_target)
+                loss = loss + args.group_weight * group_loss
+                group_losses.append(group_loss.item())
             eot_recorder.reset()
-            loss = loss + args.eot_weight * eot_loss
-            eot_losses.append(eot_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -879,8 +922,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 lr=lr,
                 min=round((time.time() - t_start) / 60, 2),
                 **({"eot_loss": round(float(np.mean(eot_losses)), 4)} if eot_losses else {}),
+                **({"group_loss": round(float(np.mean(group_losses)), 4)} if group_losses else {}),
             )
-            losses, eot_losses = [], []
+            losses, eot_losses, group_losses = [], [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if time.time() - last_ckpt > 300:
@@ -1024,6 +1068,19 @@ def main(argv: list[str] | None = None) -> None:
         "pass per step (0: off; needs a pool with labels)",
     )
     p.add_argument("--eot-batch", type=int, default=8, help="scenes per step of that pass")
+    p.add_argument(
+        "--group-weight",
+        type=float,
+        default=0.0,
+        help="weight of the self-attention grouping loss (self_attention_grouping_loss) on the same t = 0 "
+        "empty-prompt pass (0: off; needs a pool with labels)",
+    )
+    p.add_argument(
+        "--group-target",
+        type=float,
+        default=0.8,
+        help="share of each cell's self-attention wanted on its own object (or on the background)",
+    )
     p.add_argument(
         "--compound-prob",
         type=float,

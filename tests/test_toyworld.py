@@ -315,6 +315,49 @@ def test_self_attention_grouping_loss_known_answers():
     assert both == pytest.approx(loss.item() / 2, rel=1e-5)
 
 
+def test_self_attention_coherence_loss_known_answers():
+    from diffusers_conceptexpress.toyworld.train import self_attention_coherence_loss
+
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :4, :4] = 1  # the object: cells 0, 1, 4, 5 of a 4x4 grid
+    obj = [0, 1, 4, 5]
+    same = torch.full((1, 16, 16), 1 / 16)
+    assert self_attention_coherence_loss(same, labels, 0.0).item() == pytest.approx(0.0, abs=1e-7)
+    # two object rows peaked on different halves of a 2-cell support, two uniform over it: the mean row is
+    # uniform over the 2 cells; each peaked row (0.9 / 0.1) is at symKL 0.5 * (0.4 ln 1.8 - 0.4 ln 0.2) from it
+    rows = torch.full((1, 16, 16), 1 / 16)
+    for i, (a, b) in zip(obj, [(0.9, 0.1), (0.1, 0.9), (0.5, 0.5), (0.5, 0.5)], strict=True):
+        rows[0, i] = 0.0
+        rows[0, i, 0], rows[0, i, 1] = a, b
+    kl = 0.5 * (0.4 * np.log(1.8) - 0.4 * np.log(0.2))
+    rows.requires_grad_(True)
+    loss = self_attention_coherence_loss(rows, labels, 0.0)
+    assert loss.item() == pytest.approx(2 * kl / 4, rel=1e-4)  # background rows are not scored
+    loss.backward()
+    assert rows.grad[0, 0, 0] > 0 > rows.grad[0, 0, 1]  # the peaked row is pulled towards the mean
+    assert self_attention_coherence_loss(rows.detach(), labels, kl + 1e-3).item() == pytest.approx(
+        0.0, abs=1e-7
+    )
+
+
+def test_differentiable_aggregation_equals_the_recorders(offline):
+    from diffusers_conceptexpress import ConceptExpressPipeline
+    from diffusers_conceptexpress.attention import AttentionRecorder, capture_attention
+    from diffusers_conceptexpress.toyworld.train import aggregate_self_attention
+
+    pipe = ConceptExpressPipeline.from_pretrained(model_path())
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = pipe.text_encoder(ids)[0].expand(2, -1, -1)
+        grad_rec, plain = AttentionRecorder((32, 32), self_with_grad=True), AttentionRecorder((32, 32))
+        for rec in (grad_rec, plain):
+            with capture_attention(pipe.unet, rec):
+                pipe.unet(z, torch.zeros(2, dtype=torch.long), encoder_hidden_states=empty)
+    got = aggregate_self_attention(list(grad_rec.self_attention_maps().values()), 32)
+    torch.testing.assert_close(got, plain.self_attention(), atol=1e-7, rtol=1e-5)
+
+
 def test_pool_labels_mark_each_objects_visible_pixels():
     from diffusers_conceptexpress.toyworld.train import scene_batch
 

@@ -644,6 +644,13 @@ def compound_conditioning(tokenizer, text, ids: torch.Tensor, batch: int = 512) 
         text.set_input_embeddings(table)
 
 
+def segment_shares(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) integer label maps -> (B, segments, h, w): the share of each cell of an h x w grid that each
+    segment (0 = background, i + 1 = object i) covers; H and W multiples of h and w."""
+    onehot = F.one_hot(labels.long(), int(labels.max()) + 1).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, size)
+
+
 def eot_objectness_loss(
     eot: torch.Tensor, labels: torch.Tensor, target: float = 2.0, background: float = 0.5
 ) -> torch.Tensor:
@@ -662,10 +669,7 @@ def eot_objectness_loss(
         of relu(map / image mean - background). Zero once every object and background cell is on the right
         side, so it stops pulling there.
     """
-    h, w = eot.shape[-2:]
-    num = int(labels.max()) + 1
-    onehot = F.one_hot(labels.long(), num).permute(0, 3, 1, 2).float()
-    frac = F.adaptive_avg_pool2d(onehot, (h, w))  # (B, objects + 1, h, w): share of each map cell
+    frac = segment_shares(labels, tuple(eot.shape[-2:]))  # (B, objects + 1, h, w)
     mean = eot.mean((1, 2))
     area = frac.sum((2, 3))
     ratio = (frac * eot[:, None]).sum((2, 3)) / area.clamp_min(1e-6) / mean[:, None]
@@ -695,19 +699,73 @@ def self_attention_grouping_loss(
         segment), of relu(target - attention mass on that segment); the key axis counts every cell by the
         share of it that the segment covers. Zero once every pure cell attends enough to its own segment.
     """
-    num = int(labels.max()) + 1
-    onehot = F.one_hot(labels.long(), num).permute(0, 3, 1, 2).float()
     zero = labels.new_zeros((), dtype=torch.float32)
     terms = []
     for attn in maps:
         r = math.isqrt(attn.shape[-1])
-        frac = F.adaptive_avg_pool2d(onehot, (r, r)).flatten(2)  # (B, segments, r * r)
+        frac = segment_shares(labels, (r, r)).flatten(2)  # (B, segments, r * r)
         share, segment = frac.max(1)  # (B, r * r): the query cell's main segment
         mass = torch.bmm(attn.float(), frac.transpose(1, 2))  # (B, r * r, segments)
         own = mass.gather(2, segment[..., None])[..., 0]
         pure = share > 0.99
         terms.append(F.relu(target - own)[pure].mean() if pure.any() else zero + attn.sum() * 0.0)
     return torch.stack(terms).mean() if terms else zero
+
+
+def aggregate_self_attention(maps: list[torch.Tensor], size: int) -> torch.Tensor:
+    """The method's aggregated self-attention ("reference" weighting, as ``AttentionRecorder``), differentiable.
+
+    Args:
+        maps: per layer, (B, r * r, r * r) head-averaged self-attention on a square r x r grid.
+        size: R, the side of the aggregation grid (the latent side).
+
+    Returns:
+        (B, R * R, R * R): keys upsampled bilinearly, queries repeated (nearest), each layer weighted r / R,
+        summed, every row normalised to sum to 1.
+    """
+    total = None
+    for attn in maps:
+        b, n_q, _ = attn.shape
+        r = math.isqrt(n_q)
+        keys = F.interpolate(attn.float().reshape(b * n_q, 1, r, r), size=(size, size), mode="bilinear")
+        keys = keys.reshape(b, n_q, size * size) * (r / size)
+        line = torch.div(torch.arange(size, device=attn.device) * r, size, rounding_mode="floor")
+        rows = keys[:, (line[:, None] * r + line[None, :]).reshape(-1)]
+        total = rows if total is None else total + rows
+    return total / total.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def self_attention_coherence_loss(
+    attn: torch.Tensor, labels: torch.Tensor, max_distance: float = 0.05
+) -> torch.Tensor:
+    """Hinge loss that makes the aggregated self-attention rows of one object alike.
+
+    FINCH, the method's clustering, links rows by the symmetric KL divergence; an object whose rows differ
+    comes out in fragments. This pulls every row of an object towards the object's mean row.
+
+    Args:
+        attn: (B, R * R, R * R) aggregated self-attention (rows sum to 1), e.g. ``aggregate_self_attention``.
+        labels: (B, H, W) integer object label maps (0 = background), H and W multiples of R.
+        max_distance: allowed symmetric KL divergence between a row and its object's mean row.
+
+    Returns:
+        scalar: mean, over pure object cells (>= 99% of the cell in one object), of
+        relu(symKL(row, mean row of the object's pure cells) - max_distance). Background is not scored.
+    """
+    size = math.isqrt(attn.shape[-1])
+    frac = segment_shares(labels, (size, size)).flatten(2)  # (B, segments, R * R)
+    num = frac.shape[1]
+    share, segment = frac.max(1)  # (B, R * R)
+    pure = (share > 0.99) & (segment > 0)
+    if not pure.any():
+        return attn.sum() * 0.0
+    member = F.one_hot(segment, num).float() * pure[..., None].float()  # (B, R * R, segments)
+    means = torch.bmm(member.transpose(1, 2), attn) / member.sum(1).clamp_min(1)[..., None]
+    b, cell = pure.nonzero(as_tuple=True)
+    rows = attn[b, cell].clamp_min(1e-12)
+    mean = means[b, segment[b, cell]].clamp_min(1e-12)
+    sym_kl = 0.5 * ((rows - mean) * (rows.log() - mean.log())).sum(-1)
+    return F.relu(sym_kl - max_distance).mean()
 
 
 class NoiseLevelWeights:
@@ -795,7 +853,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         empty = text(empty_ids).last_hidden_state
     compound = compound_conditioning(tokenizer, text, ids) if args.compound_prob > 0 else None
     eot_recorder = None
-    if args.eot_weight > 0 or args.group_weight > 0:
+    if args.eot_weight > 0 or args.group_weight > 0 or args.coherence_weight > 0:
         if labels is None:
             raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
         # the localization pass (pipeline.py): clean latent, t = 0, empty prompt; the [EOT] map exactly as
@@ -803,7 +861,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         eot_factor = nearest_factor(unet_cross_attention_factors(unet), LocalizationConfig.eot_factor)
         eot_recorder = AttentionRecorder(
             (LATENT, LATENT),
-            record_self=args.group_weight > 0,
+            record_self=args.group_weight > 0 or args.coherence_weight > 0,
             self_with_grad=True,
             cross_token_indices=[find_eot_index(empty_ids[0], tokenizer.eos_token_id)]
             if args.eot_weight > 0
@@ -856,7 +914,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
         return d
 
-    losses, eot_losses, group_losses = [], [], []
+    losses, eot_losses, group_losses, coherence_losses = [], [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -899,11 +957,16 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 eot_loss = eot_objectness_loss(eot_recorder.cross_attention(eot_factor)[:, 0], lab_e)
                 loss = loss + args.eot_weight * eot_loss
                 eot_losses.append(eot_loss.item())
+            maps = list(eot_recorder.self_attention_maps().values())
             if args.group_weight > 0:
-                maps = list(eot_recorder.self_attention_maps().values())
                 group_loss = self_attention_grouping_loss(maps, lab_e, args.group_target)
                 loss = loss + args.group_weight * group_loss
                 group_losses.append(group_loss.item())
+            if args.coherence_weight > 0:
+                aggregated = aggregate_self_attention(maps, LATENT)
+                coherence = self_attention_coherence_loss(aggregated, lab_e, args.coherence_distance)
+                loss = loss + args.coherence_weight * coherence
+                coherence_losses.append(coherence.item())
             eot_recorder.reset()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -923,8 +986,11 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 min=round((time.time() - t_start) / 60, 2),
                 **({"eot_loss": round(float(np.mean(eot_losses)), 4)} if eot_losses else {}),
                 **({"group_loss": round(float(np.mean(group_losses)), 4)} if group_losses else {}),
+                **(
+                    {"coherence_loss": round(float(np.mean(coherence_losses)), 4)} if coherence_losses else {}
+                ),
             )
-            losses, eot_losses, group_losses = [], [], []
+            losses, eot_losses, group_losses, coherence_losses = [], [], [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if time.time() - last_ckpt > 300:
@@ -1074,6 +1140,16 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="weight of the self-attention grouping loss (self_attention_grouping_loss) on the same t = 0 "
         "empty-prompt pass (0: off; needs a pool with labels)",
+    )
+    p.add_argument(
+        "--coherence-weight",
+        type=float,
+        default=0.0,
+        help="weight of the self-attention coherence loss (self_attention_coherence_loss) on the same pass, "
+        "on the method's aggregated self-attention (0: off)",
+    )
+    p.add_argument(
+        "--coherence-distance", type=float, default=0.05, help="allowed symmetric KL to the object's mean row"
     )
     p.add_argument(
         "--group-target",

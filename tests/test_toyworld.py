@@ -331,8 +331,11 @@ def test_self_attention_coherence_loss_known_answers():
         rows[0, i, 0], rows[0, i, 1] = a, b
     kl = 0.5 * (0.4 * np.log(1.8) - 0.4 * np.log(0.2))
     rows.requires_grad_(True)
-    loss = self_attention_coherence_loss(rows, labels, 0.0)
-    assert loss.item() == pytest.approx(2 * kl / 4, rel=1e-4)  # background rows are not scored
+    loss = self_attention_coherence_loss(rows, labels, 0.0, background=False)
+    assert loss.item() == pytest.approx(2 * kl / 4, rel=1e-4)
+    # the 12 uniform background rows equal their mean row: scored, they add 0 over 16 cells
+    with_bg = self_attention_coherence_loss(rows.detach(), labels, 0.0).item()
+    assert with_bg == pytest.approx(2 * kl / 16, rel=1e-4)
     loss.backward()
     assert rows.grad[0, 0, 0] > 0 > rows.grad[0, 0, 1]  # the peaked row is pulled towards the mean
     assert self_attention_coherence_loss(rows.detach(), labels, kl + 1e-3).item() == pytest.approx(

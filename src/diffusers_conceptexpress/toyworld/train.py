@@ -736,27 +736,28 @@ def aggregate_self_attention(maps: list[torch.Tensor], size: int) -> torch.Tenso
 
 
 def self_attention_coherence_loss(
-    attn: torch.Tensor, labels: torch.Tensor, max_distance: float = 0.05
+    attn: torch.Tensor, labels: torch.Tensor, max_distance: float = 0.05, background: bool = True
 ) -> torch.Tensor:
-    """Hinge loss that makes the aggregated self-attention rows of one object alike.
+    """Hinge loss that makes the aggregated self-attention rows of one object (or of the background) alike.
 
     FINCH, the method's clustering, links rows by the symmetric KL divergence; an object whose rows differ
-    comes out in fragments. This pulls every row of an object towards the object's mean row.
+    comes out in fragments. This pulls every row of a segment towards the segment's mean row.
 
     Args:
         attn: (B, R * R, R * R) aggregated self-attention (rows sum to 1), e.g. ``aggregate_self_attention``.
         labels: (B, H, W) integer object label maps (0 = background), H and W multiples of R.
-        max_distance: allowed symmetric KL divergence between a row and its object's mean row.
+        max_distance: allowed symmetric KL divergence between a row and its segment's mean row.
+        background: score the background's cells too (one segment); otherwise objects only.
 
     Returns:
-        scalar: mean, over pure object cells (>= 99% of the cell in one object), of
-        relu(symKL(row, mean row of the object's pure cells) - max_distance). Background is not scored.
+        scalar: mean, over pure cells (>= 99% of the cell in one segment), of
+        relu(symKL(row, mean row of the segment's pure cells) - max_distance).
     """
     size = math.isqrt(attn.shape[-1])
     frac = segment_shares(labels, (size, size)).flatten(2)  # (B, segments, R * R)
     num = frac.shape[1]
     share, segment = frac.max(1)  # (B, R * R)
-    pure = (share > 0.99) & (segment > 0)
+    pure = (share > 0.99) & ((segment > 0) | background)
     if not pure.any():
         return attn.sum() * 0.0
     member = F.one_hot(segment, num).float() * pure[..., None].float()  # (B, R * R, segments)
@@ -964,7 +965,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 group_losses.append(group_loss.item())
             if args.coherence_weight > 0:
                 aggregated = aggregate_self_attention(maps, LATENT)
-                coherence = self_attention_coherence_loss(aggregated, lab_e, args.coherence_distance)
+                coherence = self_attention_coherence_loss(
+                    aggregated, lab_e, args.coherence_distance, background=not args.coherence_objects_only
+                )
                 loss = loss + args.coherence_weight * coherence
                 coherence_losses.append(coherence.item())
             eot_recorder.reset()
@@ -1148,6 +1151,7 @@ def main(argv: list[str] | None = None) -> None:
         help="weight of the self-attention coherence loss (self_attention_coherence_loss) on the same pass, "
         "on the method's aggregated self-attention (0: off)",
     )
+    p.add_argument("--coherence-objects-only", action="store_true", help="do not score the background's rows")
     p.add_argument(
         "--coherence-distance", type=float, default=0.05, help="allowed symmetric KL to the object's mean row"
     )

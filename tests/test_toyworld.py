@@ -19,6 +19,7 @@ from diffusers_conceptexpress.toyworld import (
     model_path,
     render_scene,
 )
+from diffusers_conceptexpress.toyworld.scenes import shape_mask
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -54,6 +55,25 @@ def test_masks_are_disjoint_nonempty_and_match_colours(seed):
         assert phrase in scene.caption
     assert total.max() <= 1  # disjoint
     assert scene.caption.startswith("a photo of a ")
+
+
+def test_rim_darkens_the_inside_of_each_outline_and_changes_nothing_else():
+    plain, rimmed = render_scene(20_001, num_objects=3), render_scene(20_001, num_objects=3, rim=2)
+    assert plain.objects == rimmed.objects
+    assert all(np.array_equal(a, b) for a, b in zip(plain.masks, rimmed.masks, strict=True))
+    a, b = np.asarray(plain.image).astype(float), np.asarray(rimmed.image).astype(float)
+    changed = np.abs(a - b).sum(-1) > 0
+    assert not changed[~np.any(plain.masks, axis=0)].any()  # the background is untouched
+    for mask, obj in zip(plain.masks, plain.objects, strict=True):
+        full = shape_mask(obj["shape"], *obj["center"], obj["size"], obj["angle"])
+        # 2 px along the object's own outline (not along an occluder's edge) are darker; its core is not
+        padded = np.pad(full, 2, mode="edge")  # the canvas edge is not an outline
+        inner = np.all([padded[dy : dy + 64, dx : dx + 64] for dy in range(5) for dx in range(5)], axis=0)
+        rim, core = mask & ~inner, mask & inner
+        assert rim.sum() > 50 and core.sum() > 50
+        assert np.array_equal(changed[mask], rim[mask])
+        ratio = b[rim].sum(-1).mean() / a[rim].sum(-1).mean()
+        assert 0.25 < ratio < 0.45  # RIM_SHADE = 0.35 of the colour, plus pixel noise
 
 
 def test_scene_variety_same_colour_textures_backgrounds():

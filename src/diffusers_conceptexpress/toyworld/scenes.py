@@ -55,6 +55,7 @@ WORLD_VERSION = 2
 SINGLE_RADIUS = (12.0, 19.0)
 MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
 CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
+RIM_SHADE = 0.35  # the rim's colour is this share of the object's colour
 
 
 @dataclass
@@ -147,6 +148,17 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    """Pixels whose (2r + 1)^2 neighbourhood lies inside ``mask``; the canvas edge is not an outline."""
+    n = mask.shape[0]
+    padded = np.pad(mask, r, mode="edge")
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out &= padded[r + dy : r + dy + n, r + dx : r + dx + mask.shape[1]]
+    return out
+
+
 def _same_colour_apart(objects: list[dict], full: list[np.ndarray]) -> bool:
     """Objects of the same colour must not touch (3 px gap), so every object stays a separate region."""
     for i in range(len(objects)):
@@ -199,6 +211,7 @@ def render_scene(
     num_objects: int | None = None,
     size: int = IMAGE_SIZE,
     radius_range: tuple[float, float] | None = None,
+    rim: int = 0,
 ) -> Scene:
     """Render scene number ``seed`` (deterministic) with ``num_objects`` objects (default: 1-3 at random).
 
@@ -207,6 +220,10 @@ def render_scene(
     ``radius_range`` (pixels at 64 px, scaled with ``size``; default ``SINGLE_RADIUS`` for one object,
     ``MULTI_RADIUS`` for 2-3, ``CROWDED_RADIUS`` for 4; ``(10.0, 15.0)`` gives the first world's 2-3-object
     scenes).
+
+    ``rim`` > 0 draws a dark outline (``RIM_SHADE`` of the colour) ``rim`` pixels wide along the inside of
+    every object's own outline, like a sticker: the object's shape then shows inside its visible mask (also
+    where an occluder cuts it). It adds no random draw: the scene is the same picture plus the rims.
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")
@@ -263,6 +280,8 @@ def render_scene(
             color_map = np.where(band[..., None] > 0, rgb[None, None] * 0.55, rgb[None, None])
         else:
             color_map = np.broadcast_to(rgb, (size, size, 3))
+        if rim > 0:
+            color_map = np.where(_erode(m, rim)[..., None], color_map, color_map * RIM_SHADE)
         canvas[m] = color_map[m] + rng.normal(0.0, 0.015, (int(m.sum()), 3))
     image = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), "RGB")
     return Scene(

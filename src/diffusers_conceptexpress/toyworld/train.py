@@ -264,10 +264,11 @@ def save_ckpt(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def scene_batch(seeds, labels: bool = False):
-    """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds``; with ``labels``, also their object
-    label maps (B, 64, 64) uint8: 0 = background, i + 1 = the visible pixels of object i."""
-    scenes = [render_scene(int(s)) for s in seeds]
+def scene_batch(seeds, labels: bool = False, rim: int = 0):
+    """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds`` (``rim``: see ``render_scene``);
+    with ``labels``, also their object label maps (B, 64, 64) uint8: 0 = background, i + 1 = the visible
+    pixels of object i."""
+    scenes = [render_scene(int(s), rim=rim) for s in seeds]
     out = to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
     if not labels:
         return out
@@ -297,7 +298,7 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     t0 = time.time()
     while step < args.vae_steps:
         seeds = SEED_OFFSET_TRAIN + rng.integers(0, 10**8, args.vae_batch)
-        x, _ = scene_batch(seeds)
+        x, _ = scene_batch(seeds, rim=args.rim)
         ox, oy = rng.integers(0, IMAGE_SIZE - 32 + 1, 2)
         x = x[:, :, oy : oy + 32, ox : ox + 32]
         lr = (
@@ -330,7 +331,7 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     # measure the latent std on full 64x64 scenes
     vae.eval()
     with torch.no_grad():
-        x, _ = scene_batch(range(SEED_OFFSET_TRAIN - 5000, SEED_OFFSET_TRAIN - 4744))
+        x, _ = scene_batch(range(SEED_OFFSET_TRAIN - 5000, SEED_OFFSET_TRAIN - 4744), rim=args.rim)
         z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
     scaling = 1.0 / z.std().item()
@@ -397,7 +398,7 @@ def stage_pool(args, run_dir: Path, log: Logger) -> None:
     t0 = time.time()
     for start in range(0, args.pool, 256):
         seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(args.pool, start + 256))
-        x, caps, lab = scene_batch(seeds, labels=True)
+        x, caps, lab = scene_batch(seeds, labels=True, rim=args.rim)
         labels.append(lab)
         with torch.no_grad():
             lat.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half())
@@ -515,13 +516,13 @@ def assemble_pipeline(run_dir: Path, unet, cls=None):
     )
 
 
-def attention_diagnostics(pipe, seeds) -> dict:
+def attention_diagnostics(pipe, seeds, rim: int = 0) -> dict:
     """EOT object/background ratio of the empty prompt and k-means (true K + background) mIoU on scenes."""
     from ..evaluation import mask_metrics
 
     ratios, mious = [], []
     for s in seeds:
-        scene = render_scene(int(s), num_objects=2 + int(s) % 2)
+        scene = render_scene(int(s), num_objects=2 + int(s) % 2, rim=rim)
         res = pipe.localize_concepts(
             scene.image,
             method="kmeans",
@@ -546,7 +547,7 @@ CONDITIONING_CAPTIONS = ("true", "wrong shape", "wrong colour", "empty")
 
 
 @torch.no_grad()
-def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: int = 0) -> dict:
+def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: int = 0, rim: int = 0) -> dict:
     """How much the UNet uses each word: epsilon MSE per timestep with altered captions, on single objects.
 
     On single-object scenes (``seeds``), the epsilon-prediction MSE with the true caption, with the shape
@@ -555,7 +556,7 @@ def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: i
     what the UNet gains from that part of the prompt at that noise level (about 0: ignored there).
     """
     rng = np.random.default_rng(noise_seed)
-    scenes = [render_scene(int(s), num_objects=1) for s in seeds]
+    scenes = [render_scene(int(s), num_objects=1, rim=rim) for s in seeds]
     captions = {name: [] for name in CONDITIONING_CAPTIONS}
     for scene in scenes:
         obj = dict(scene.objects[0])
@@ -911,8 +912,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             copy.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
             model = copy
         pipe = assemble_pipeline(run_dir, model.eval())
-        d = attention_diagnostics(pipe, diag_seeds)
-        d["shape_gain"] = {t: v["wrong shape"] for t, v in conditioning_gain(pipe, cond_seeds).items()}
+        d = attention_diagnostics(pipe, diag_seeds, rim=args.rim)
+        gain = conditioning_gain(pipe, cond_seeds, rim=args.rim)
+        d["shape_gain"] = {t: v["wrong shape"] for t, v in gain.items()}
         return d
 
     losses, eot_losses, group_losses, coherence_losses = [], [], [], []
@@ -1100,6 +1102,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="vae,pool,clip,unet,export")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--rim", type=int, default=0, help="render_scene's rim: dark object outlines this many pixels wide"
+    )
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--pool", type=int, default=30000)

@@ -50,11 +50,11 @@ def eot_ratio(eot_map: torch.Tensor, masks: list[np.ndarray]) -> float:
 
 
 def localization_diagnostics(
-    pipe: ConceptExpressPipeline, seeds: list[int], radius_range=None
+    pipe: ConceptExpressPipeline, seeds: list[int], world=None
 ) -> tuple[dict, list[dict]]:
     rows = []
     for s in seeds:
-        scene = render_scene(s, num_objects=2 + s % 2, radius_range=radius_range)
+        scene = render_scene(s, num_objects=2 + s % 2, **(world or {}))
         n = len(scene.masks)
         gen = torch.Generator().manual_seed(0)
         km1 = pipe.localize_concepts(scene.image, method="kmeans", num_concepts=n + 1, generator=gen)
@@ -89,7 +89,7 @@ def localization_diagnostics(
     return summary, rows
 
 
-def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int], radius_range=None) -> dict:
+def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int], world=None) -> dict:
     """k-means (K = objects + 1) mIoU when only some self-attention layers are aggregated (an option of the
     method's config, not a change of the method): which resolutions carry the object structure."""
     variants = {
@@ -104,7 +104,7 @@ def per_factor_diagnostics(pipe: ConceptExpressPipeline, seeds: list[int], radiu
     for name, opts in variants.items():
         vals = []
         for s in seeds:
-            scene = render_scene(s, num_objects=2 + s % 2, radius_range=radius_range)
+            scene = render_scene(s, num_objects=2 + s % 2, **(world or {}))
             res = pipe.localize_concepts(
                 scene.image,
                 method="kmeans",
@@ -170,6 +170,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-t2i", action="store_true")
     p.add_argument(
+        "--rim", type=int, default=0, help="render_scene's rim (2: the rim world of docs/toyworld.md)"
+    )
+    p.add_argument(
         "--radius-range",
         type=float,
         nargs=2,
@@ -187,11 +190,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(args.seed_start, args.seed_start + args.scenes))
     radius = tuple(args.radius_range) if args.radius_range else None
-    loc, loc_rows = localization_diagnostics(pipe, seeds, radius)
+    world = {"radius_range": radius, "rim": args.rim}  # render_scene's options
+    loc, loc_rows = localization_diagnostics(pipe, seeds, world)
     per_factor = (
-        per_factor_diagnostics(pipe, seeds[: args.per_factor_scenes], radius)
-        if args.per_factor_scenes
-        else {}
+        per_factor_diagnostics(pipe, seeds[: args.per_factor_scenes], world) if args.per_factor_scenes else {}
     )
     t_loc = time.time() - t0
     t2i, t2i_rows = {}, []
@@ -210,6 +212,7 @@ def main() -> None:
         "model": str(model),
         "scenes_seeds": [seeds[0], seeds[-1]],
         "radius_range": radius,
+        "rim": args.rim,
         **loc,
         **t2i,
         "kmeans_miou_by_layers": per_factor,

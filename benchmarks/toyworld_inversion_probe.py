@@ -33,6 +33,7 @@ from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.evaluation import generate_samples, read_samples
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
 from diffusers_conceptexpress.visualize import image_grid
 from toyworld import model_fingerprint  # benchmarks/toyworld.py: weights + world version
 
@@ -81,7 +82,7 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
     row_path = folder / "row.json"
     if row_path.is_file():
         return json.loads(row_path.read_text())
-    scene = render_scene(seed, num_objects=1)
+    scene = render_scene(seed, num_objects=1, rim=args.rim)
     obj = scene.objects[0]
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -137,6 +138,12 @@ def main() -> None:
     p.add_argument("--shard", default="0/1", help="K/N: this process runs scenes i with i %% N == K")
     p.add_argument("--model", default=None)
     p.add_argument(
+        "--rim",
+        type=int,
+        default=RIM_WIDTH,
+        help="render_scene's rim (0: the second world, for older models)",
+    )
+    p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/inversion_probe/<model fingerprint>"
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_inversion_probe.json"))
@@ -156,8 +163,9 @@ def main() -> None:
     k, n = (int(v) for v in args.shard.split("/"))
     seeds = [args.start + i for i in range(args.scenes)]
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
-    args.work = args.work or Path(".benchmark-runs/inversion_probe") / model_fingerprint(
-        args.model or model_path()
+    world = f"-rim{args.rim}" if args.rim else ""  # scenes of another world: another folder
+    args.work = args.work or Path(".benchmark-runs/inversion_probe") / (
+        model_fingerprint(args.model or model_path()) + world
     )
     pipe.set_progress_bar_config(disable=True)
     if not args.summarize_only:
@@ -193,7 +201,7 @@ def main() -> None:
         for seed in seeds:
             if not all((args.work / v / str(seed) / "row.json").is_file() for v in named):
                 continue
-            tiles.append(render_scene(seed, num_objects=1).image)
+            tiles.append(render_scene(seed, num_objects=1, rim=args.rim).image)
             for variant in named:
                 tiles += read_samples(args.work / variant / str(seed), "concept_1", min(args.samples, 4))
         cols = 1 + len(variants) * min(args.samples, 4)

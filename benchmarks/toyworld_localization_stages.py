@@ -39,9 +39,9 @@ from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
 
 
-def object_scores(pipe, seed: int, num_objects: int, radius_range=None) -> list[dict]:
+def object_scores(pipe, seed: int, num_objects: int, world=None) -> list[dict]:
     """Per ground-truth object of one scene: its attributes, filter score and raw object/background ratio."""
-    scene = render_scene(seed, num_objects=num_objects, radius_range=radius_range)
+    scene = render_scene(seed, num_objects=num_objects, **(world or {}))
     # the [EOT] map does not depend on the localizer; k-means is the cheapest one that returns it
     res = pipe.localize_concepts(
         scene.image, method="kmeans", num_concepts=2, generator=torch.Generator().manual_seed(0)
@@ -75,9 +75,9 @@ def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
-def stage_record(pipe, seed: int, num_objects: int, radius_range=None) -> dict:
+def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
     """Oracle mIoUs of the pre-clustering and of the kept clusters, the result's mIoU, and its concept census."""
-    scene = render_scene(seed, num_objects=num_objects, radius_range=radius_range)
+    scene = render_scene(seed, num_objects=num_objects, **(world or {}))
     res = pipe.localize_concepts(scene.image, generator=torch.Generator().manual_seed(0))
     km = pipe.localize_concepts(
         scene.image, method="kmeans", num_concepts=num_objects + 1, generator=torch.Generator().manual_seed(0)
@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--stage-scenes", type=int, default=50)
     p.add_argument("--stage-seed-start", type=int, default=20_000)
     p.add_argument(
+        "--rim", type=int, default=0, help="render_scene's rim (2: the rim world of docs/toyworld.md)"
+    )
+    p.add_argument(
         "--radius-range",
         type=float,
         nargs=2,
@@ -146,10 +149,11 @@ def main() -> None:
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
     pipe.set_progress_bar_config(disable=True)
     radius = tuple(args.radius_range) if args.radius_range else None
-    summary: dict = {"radius_range": radius}
+    world = {"radius_range": radius, "rim": args.rim}  # render_scene's options
+    summary: dict = {"radius_range": radius, "rim": args.rim}
 
     stages = [
-        stage_record(pipe, args.stage_seed_start + i, 2 + i % 2, radius) for i in range(args.stage_scenes)
+        stage_record(pipe, args.stage_seed_start + i, 2 + i % 2, world) for i in range(args.stage_scenes)
     ]
     keys = ("oracle_pre", "oracle_kept", "miou", "exact", "kmeans_miou")
     summary["stages"] = {key: float(np.mean([r[key] for r in stages])) for key in keys}
@@ -185,7 +189,7 @@ def main() -> None:
     if args.scenes:
         rows, scenes_ok = [], []
         for i in range(args.scenes):
-            objects = object_scores(pipe, args.seed_start + i, 2 + i % 2, radius)
+            objects = object_scores(pipe, args.seed_start + i, 2 + i % 2, world)
             rows += objects
             scenes_ok.append(all(o["score"] > 1 for o in objects))
         groups = {"all objects": rows}

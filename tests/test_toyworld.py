@@ -19,7 +19,7 @@ from diffusers_conceptexpress.toyworld import (
     model_path,
     render_scene,
 )
-from diffusers_conceptexpress.toyworld.scenes import shape_mask
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, shape_mask
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -48,7 +48,7 @@ def test_masks_are_disjoint_nonempty_and_match_colours(seed):
         assert mask.sum() >= 30
         total += mask
         inside = pixels[mask]
-        bright = inside[inside.sum(1) >= np.median(inside.sum(1))]  # striped objects: the light stripes
+        bright = inside[inside.sum(1) >= np.percentile(inside.sum(1), 75)]  # not the rim nor dark stripes
         assert _nearest_palette(bright.mean(0)) == obj["color"]
         assert obj["shape"] in SHAPES and obj["color"] in COLORS
         phrase = f"{obj['color']} {'striped ' if obj['texture'] == 'striped' else ''}{obj['shape']}"
@@ -58,7 +58,7 @@ def test_masks_are_disjoint_nonempty_and_match_colours(seed):
 
 
 def test_rim_darkens_the_inside_of_each_outline_and_changes_nothing_else():
-    plain, rimmed = render_scene(20_001, num_objects=3), render_scene(20_001, num_objects=3, rim=2)
+    plain, rimmed = render_scene(20_001, num_objects=3), render_scene(20_001, num_objects=3, rim=RIM_WIDTH)
     assert plain.objects == rimmed.objects
     assert all(np.array_equal(a, b) for a, b in zip(plain.masks, rimmed.masks, strict=True))
     a, b = np.asarray(plain.image).astype(float), np.asarray(rimmed.image).astype(float)
@@ -275,9 +275,12 @@ def test_object_sizes_follow_the_world_and_the_first_world_stays_reproducible():
             assert all(lo <= o["size"] <= hi for o in render_scene(seed, num_objects=k).objects)
     # the first world's 2-3-object scenes (radius 10-15 px), pixel for pixel (SHA-256 of the image bytes,
     # taken with the renderer before the world changed)
-    first = render_scene(20_001, num_objects=3, radius_range=(10.0, 15.0))
+    first = render_scene(20_001, num_objects=3, radius_range=(10.0, 15.0), rim=0)
     assert hashlib.sha256(np.asarray(first.image).tobytes()).hexdigest()[:16] == "5332136c6404bf57"
     assert all(10.0 <= o["size"] <= 15.0 for o in first.objects)
+    # the second world (no rims), likewise
+    second = render_scene(20_001, num_objects=3, rim=0)
+    assert hashlib.sha256(np.asarray(second.image).tobytes()).hexdigest()[:16] == "14f4441d37f9d07f"
 
 
 # ------------------------------------------------------------------ trainer: the fifth model's additions

@@ -55,6 +55,7 @@ WORLD_VERSION = 2
 SINGLE_RADIUS = (12.0, 19.0)
 MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
 CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
+RIM_WIDTH = 2  # pixels at 64 px: the rim world's dark outline inside every object (``render_scene(rim=...)``)
 RIM_SHADE = 0.35  # the rim's colour is this share of the object's colour
 
 
@@ -218,12 +219,14 @@ def render_scene(
     Objects may overlap, but each keeps at least 60% of its area visible. In about 1 scene in 4 with
     several objects, two objects share a colour (different shapes). Object radii are drawn uniformly from
     ``radius_range`` (pixels at 64 px, scaled with ``size``; default ``SINGLE_RADIUS`` for one object,
-    ``MULTI_RADIUS`` for 2-3, ``CROWDED_RADIUS`` for 4; ``(10.0, 15.0)`` gives the first world's 2-3-object
+    ``MULTI_RADIUS`` for 2-3, ``CROWDED_RADIUS`` for 4; ``(10.0, 15.0)`` with ``rim=0`` gives the first world's 2-3-object
     scenes).
 
-    ``rim`` > 0 draws a dark outline (``RIM_SHADE`` of the colour) ``rim`` pixels wide along the inside of
-    every object's own outline, like a sticker: the object's shape then shows inside its visible mask (also
-    where an occluder cuts it). It adds no random draw: the scene is the same picture plus the rims.
+    ``rim`` (pixels at 64 px, scaled with ``size``) draws a dark outline (``RIM_SHADE`` of the colour) along
+    the inside of every object's own outline, like a sticker, so that the object's shape shows inside its
+    visible mask (also where an occluder cuts it): the rim world of docs/toyworld.md (``RIM_WIDTH``), not yet
+    the shipped model's. It adds no random draw: the same scene plus the rims; ``rim=0`` (default) is the
+    second world.
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")
@@ -281,7 +284,8 @@ def render_scene(
         else:
             color_map = np.broadcast_to(rgb, (size, size, 3))
         if rim > 0:
-            color_map = np.where(_erode(m, rim)[..., None], color_map, color_map * RIM_SHADE)
+            inner = _erode(m, max(1, round(rim * scale)))
+            color_map = np.where(inner[..., None], color_map, color_map * RIM_SHADE)
         canvas[m] = color_map[m] + rng.normal(0.0, 0.015, (int(m.sum()), 3))
     image = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), "RGB")
     return Scene(

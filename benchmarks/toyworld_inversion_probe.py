@@ -140,8 +140,8 @@ def main() -> None:
     p.add_argument(
         "--rim",
         type=int,
-        default=RIM_WIDTH,
-        help="render_scene's rim (0: the second world, for older models)",
+        default=0,
+        help=f"render_scene's rim ({RIM_WIDTH}: the rim world of docs/toyworld.md)",
     )
     p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/inversion_probe/<model fingerprint>"

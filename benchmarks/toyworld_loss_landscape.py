@@ -35,15 +35,10 @@ from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.masks import masks_to_latent_grid
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
 from toyworld import model_fingerprint  # benchmarks/toyworld.py
+from toyworld_prompt_forms import slot_embedding
 
 BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 PROBE = "<landscape-probe>"
-
-
-def word_rows(pipe, words: list[str]) -> torch.Tensor:
-    table = pipe.text_encoder.get_input_embeddings().weight
-    ids = pipe.tokenizer(" ".join(words), add_special_tokens=False).input_ids
-    return table[ids].sum(0).detach().clone()
 
 
 @torch.no_grad()
@@ -106,7 +101,7 @@ def main() -> None:
                 obj = scene.objects[target]
                 striped = ["striped"] if obj["texture"] == "striped" else []
                 slots = {
-                    f"{c} {s}": word_rows(pipe, [c, *striped, s])
+                    f"{c} {s}": slot_embedding(pipe, [c, *striped, s])
                     for c, s in itertools.product(COLORS, SHAPES)
                 }
                 candidates = {"learned": learned[k], "empty": None, **slots}

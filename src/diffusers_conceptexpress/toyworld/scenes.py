@@ -151,12 +151,12 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     """Pixels whose (2r + 1)^2 neighbourhood lies inside ``mask``; the canvas edge is not an outline."""
-    n = mask.shape[0]
+    h, w = mask.shape
     padded = np.pad(mask, r, mode="edge")
     out = mask.copy()
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            out &= padded[r + dy : r + dy + n, r + dx : r + dx + mask.shape[1]]
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out &= padded[dy : dy + h, dx : dx + w]
     return out
 
 

@@ -388,22 +388,48 @@ def load_vae(run_dir: Path):
     return vae.eval().requires_grad_(False)
 
 
+def _pool_batches(run_dir: Path, starts: list[int], size: int, rim: int, threads: int) -> list[tuple]:
+    """Pool batches of 256 scenes beginning at ``starts``: (latents fp16, token ids, images uint8, labels)."""
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(threads)
+    vae = load_vae(run_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer")
+    out = []
+    for start in starts:
+        seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(size, start + 256))
+        x, caps, lab = scene_batch(seeds, labels=True, rim=rim)
+        with torch.no_grad():
+            lat = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half()
+        ids = tokenizer(caps, padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids
+        out.append((lat, ids, ((x + 1) * 127.5).round().to(torch.uint8), lab))
+    return out
+
+
 def stage_pool(args, run_dir: Path, log: Logger) -> None:
     path = run_dir / "pool.pt"
     if path.exists():
         return
-    vae = load_vae(run_dir)
-    tokenizer = build_tokenizer(run_dir / "tokenizer")
-    lat, ids, images, labels = [], [], [], []
+    build_tokenizer(run_dir / "tokenizer")
+    starts = list(range(0, args.pool, 256))
     t0 = time.time()
-    for start in range(0, args.pool, 256):
-        seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(args.pool, start + 256))
-        x, caps, lab = scene_batch(seeds, labels=True, rim=args.rim)
-        labels.append(lab)
-        with torch.no_grad():
-            lat.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half())
-        ids.append(tokenizer(caps, padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids)
-        images.append(((x + 1) * 127.5).round().to(torch.uint8))
+    if args.pool_workers > 1:  # scene rendering is single-threaded Python: split the batches over processes
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        parts = [starts[i :: args.pool_workers] for i in range(args.pool_workers)]
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.pool_workers, mp_context=ctx) as ex:
+            done = ex.map(
+                _pool_batches, *zip(*[(run_dir, p, args.pool, args.rim, 1) for p in parts], strict=True)
+            )
+            by_start = {
+                s: b for p, batches in zip(parts, done, strict=True) for s, b in zip(p, batches, strict=True)
+            }
+        batches = [by_start[s] for s in starts]
+    else:
+        batches = _pool_batches(run_dir, starts, args.pool, args.rim, args.threads)
+    lat, ids, images, labels = (list(part) for part in zip(*batches, strict=True))
     log(stage="pool", n=args.pool, s=round(time.time() - t0, 1))
     save_ckpt(
         path, latents=torch.cat(lat), ids=torch.cat(ids), images=torch.cat(images), labels=torch.cat(labels)
@@ -917,6 +943,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         d["shape_gain"] = {t: v["wrong shape"] for t, v in gain.items()}
         return d
 
+    snapshots = {int(v) for v in args.snapshot_steps.split(",") if v.strip()}
     losses, eot_losses, group_losses, coherence_losses = [], [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
@@ -998,9 +1025,14 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             losses, eot_losses, group_losses, coherence_losses = [], [], [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
+        if step in snapshots:
+            ema.save_pretrained(run_dir / "snapshots" / f"step{step}")
+            log(stage="unet", step=step, snapshot=str(run_dir / "snapshots" / f"step{step}"))
         if time.time() - last_ckpt > 300:
             checkpoint()
             last_ckpt = time.time()
+    if snapshots and not (run_dir / "snapshots" / f"step{step}").exists():  # the last step, if cut short
+        ema.save_pretrained(run_dir / "snapshots" / f"step{step}")
     diag = {"diag": diagnose(ema)} if args.diag_every else {}
     log(stage="unet", step=step, **diag, done=True, min=round((time.time() - t_start) / 60, 2))
     checkpoint(done=True)
@@ -1108,6 +1140,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--pool", type=int, default=30000)
+    p.add_argument(
+        "--pool-workers", type=int, default=1, help="processes that render and encode the pool (same pool)"
+    )
     p.add_argument("--clip-steps", type=int, default=1200)
     p.add_argument("--clip-batch", type=int, default=128)
     p.add_argument("--clip-lr", type=float, default=1e-3)
@@ -1172,6 +1207,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="share of captions given in the learning-prompt form, one summed-embedding slot per object "
         "(compound_conditioning)",
+    )
+    p.add_argument(
+        "--snapshot-steps",
+        default="",
+        help="comma-separated steps at which the EMA UNet is also saved, as a diffusers folder "
+        "<run-dir>/snapshots/step<N>",
     )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--diag-every", type=int, default=500, help="steps between diagnostics (0: none)")

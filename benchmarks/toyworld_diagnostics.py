@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, classify, model_path, render_scene
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
 
 
 def matched_miou(gt: list[np.ndarray], pred: list[np.ndarray]) -> float:
@@ -170,7 +171,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-t2i", action="store_true")
     p.add_argument(
-        "--rim", type=int, default=0, help="render_scene's rim (2: the rim world of docs/toyworld.md)"
+        "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
     )
     p.add_argument(
         "--radius-range",

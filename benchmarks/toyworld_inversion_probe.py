@@ -140,8 +140,8 @@ def main() -> None:
     p.add_argument(
         "--rim",
         type=int,
-        default=0,
-        help=f"render_scene's rim ({RIM_WIDTH}: the rim world of docs/toyworld.md)",
+        default=RIM_WIDTH,
+        help="render_scene's rim (0: the second world, no rims)",
     )
     p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/inversion_probe/<model fingerprint>"
@@ -163,7 +163,7 @@ def main() -> None:
     k, n = (int(v) for v in args.shard.split("/"))
     seeds = [args.start + i for i in range(args.scenes)]
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
-    world = f"-rim{args.rim}" if args.rim else ""  # scenes of another world: another folder
+    world = f"-rim{args.rim}" if args.rim != RIM_WIDTH else ""  # scenes of another world: another folder
     args.work = args.work or Path(".benchmark-runs/inversion_probe") / (
         model_fingerprint(args.model or model_path()) + world
     )

@@ -37,6 +37,7 @@ from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
 
 
 def object_scores(pipe, seed: int, num_objects: int, world=None) -> list[dict]:
@@ -133,7 +134,7 @@ def main() -> None:
     p.add_argument("--stage-scenes", type=int, default=50)
     p.add_argument("--stage-seed-start", type=int, default=20_000)
     p.add_argument(
-        "--rim", type=int, default=0, help="render_scene's rim (2: the rim world of docs/toyworld.md)"
+        "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
     )
     p.add_argument(
         "--radius-range",

@@ -19,7 +19,7 @@ from diffusers_conceptexpress.toyworld import (
     model_path,
     render_scene,
 )
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, shape_mask
+from diffusers_conceptexpress.toyworld.scenes import shape_mask
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -58,7 +58,7 @@ def test_masks_are_disjoint_nonempty_and_match_colours(seed):
 
 
 def test_rim_darkens_the_inside_of_each_outline_and_changes_nothing_else():
-    plain, rimmed = render_scene(20_001, num_objects=3), render_scene(20_001, num_objects=3, rim=RIM_WIDTH)
+    plain, rimmed = render_scene(20_001, num_objects=3, rim=0), render_scene(20_001, num_objects=3)
     assert plain.objects == rimmed.objects
     assert all(np.array_equal(a, b) for a, b in zip(plain.masks, rimmed.masks, strict=True))
     a, b = np.asarray(plain.image).astype(float), np.asarray(rimmed.image).astype(float)

@@ -51,7 +51,7 @@ MIN_VISIBLE = 0.6  # an object keeps at least this share of its area visible
 # object radius in pixels at 64 px (scaled with ``size``): alone, and in scenes of several objects. The first
 # world drew several objects at (10, 15): too small for the attention grid (docs/toyworld.md, "World").
 #: bumped whenever ``render_scene``'s output for a seed changes (benchmark caches are keyed by it)
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 SINGLE_RADIUS = (12.0, 19.0)
 MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
 CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
@@ -212,7 +212,7 @@ def render_scene(
     num_objects: int | None = None,
     size: int = IMAGE_SIZE,
     radius_range: tuple[float, float] | None = None,
-    rim: int = 0,
+    rim: int = RIM_WIDTH,
 ) -> Scene:
     """Render scene number ``seed`` (deterministic) with ``num_objects`` objects (default: 1-3 at random).
 
@@ -224,9 +224,9 @@ def render_scene(
 
     ``rim`` (pixels at 64 px, scaled with ``size``) draws a dark outline (``RIM_SHADE`` of the colour) along
     the inside of every object's own outline, like a sticker, so that the object's shape shows inside its
-    visible mask (also where an occluder cuts it): the rim world of docs/toyworld.md (``RIM_WIDTH``), not yet
-    the shipped model's. It adds no random draw: the same scene plus the rims; ``rim=0`` (default) is the
-    second world.
+    visible mask (also where an occluder cuts it). The default ``RIM_WIDTH`` is the third world, the shipped
+    model's (docs/toyworld.md, "The rim world"). It adds no random draw: ``rim=0`` renders the same scene
+    without rims, the second world, pixel for pixel.
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")

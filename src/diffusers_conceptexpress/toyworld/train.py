@@ -52,7 +52,7 @@ from torch import nn
 from ..attention import AttentionRecorder, capture_attention, nearest_factor, unet_cross_attention_factors
 from ..localization import LocalizationConfig, find_eot_index
 from . import WORDS
-from .scenes import COLORS, IMAGE_SIZE, SHAPES, caption_for, render_scene
+from .scenes import COLORS, IMAGE_SIZE, RIM_WIDTH, SHAPES, caption_for, render_scene
 
 LATENT = IMAGE_SIZE // 2
 TEXT_DIM = 64
@@ -264,7 +264,7 @@ def save_ckpt(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def scene_batch(seeds, labels: bool = False, rim: int = 0):
+def scene_batch(seeds, labels: bool = False, rim: int = RIM_WIDTH):
     """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds`` (``rim``: see ``render_scene``);
     with ``labels``, also their object label maps (B, 64, 64) uint8: 0 = background, i + 1 = the visible
     pixels of object i."""
@@ -542,7 +542,7 @@ def assemble_pipeline(run_dir: Path, unet, cls=None):
     )
 
 
-def attention_diagnostics(pipe, seeds, rim: int = 0) -> dict:
+def attention_diagnostics(pipe, seeds, rim: int = RIM_WIDTH) -> dict:
     """EOT object/background ratio of the empty prompt and k-means (true K + background) mIoU on scenes."""
     from ..evaluation import mask_metrics
 
@@ -573,7 +573,9 @@ CONDITIONING_CAPTIONS = ("true", "wrong shape", "wrong colour", "empty")
 
 
 @torch.no_grad()
-def conditioning_gain(pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: int = 0, rim: int = 0) -> dict:
+def conditioning_gain(
+    pipe, seeds, timesteps=(250, 550, 750, 850), noise_seed: int = 0, rim: int = RIM_WIDTH
+) -> dict:
     """How much the UNet uses each word: epsilon MSE per timestep with altered captions, on single objects.
 
     On single-object scenes (``seeds``), the epsilon-prediction MSE with the true caption, with the shape
@@ -1135,7 +1137,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--rim", type=int, default=0, help="render_scene's rim: dark object outlines this many pixels wide"
+        "--rim",
+        type=int,
+        default=RIM_WIDTH,
+        help="render_scene's rim: dark object outlines this many pixels wide (0: the second world)",
     )
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=32)

@@ -265,6 +265,36 @@ def test_a_run_seeded_from_the_shipped_model_exports_the_same_weights(tmp_path, 
     assert not any(r.get("stage") in ("vae", "clip") and "step" in r for r in log)  # nothing retrained
 
 
+def test_pool_workers_build_the_same_pool_and_snapshots_hold_the_ema(tmp_path, offline):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_conceptexpress.toyworld.train import load_unet_checkpoint, main
+
+    shipped = str(model_path())
+    common = ["--from-model", shipped, "--pool", "260", "--diag-every", "0"]  # 2 batches: 256 + 4 scenes
+    main(["--run-dir", str(tmp_path / "one"), "--stages", "pool", *common])
+    main(["--run-dir", str(tmp_path / "two"), "--stages", "pool", "--pool-workers", "2", *common])
+    one = torch.load(tmp_path / "one" / "pool.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "pool.pt", weights_only=False)
+    assert one.keys() == two.keys() and one["latents"].shape == (260, 4, 32, 32)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-3, rtol=0)  # fp16 latents; the rest equal
+    assert torch.equal(two["labels"], one["labels"]) and torch.equal(two["ids"], one["ids"])
+    # a run cut at step 2 saves its requested snapshot and, at the end, its last step: the EMA weights
+    main(["--run-dir", str(tmp_path / "two"), "--stages", "unet", "--unet-init", shipped, "--unet-arch",
+          "attn-32-16", "--unet-steps", "2", "--unet-batch", "2", "--snapshot-steps", "1", *common])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir()) == ["step1", "step2"]
+    last = UNet2DConditionModel.from_pretrained(tmp_path / "two" / "snapshots" / "step2")
+    ema = load_unet_checkpoint(tmp_path / "two" / "unet.pt", "ema")
+    assert all(
+        torch.equal(a, b) for a, b in zip(last.state_dict().values(), ema.state_dict().values(), strict=True)
+    )
+    first = UNet2DConditionModel.from_pretrained(tmp_path / "two" / "snapshots" / "step1")
+    assert not all(
+        torch.equal(a, b) for a, b in zip(first.state_dict().values(), ema.state_dict().values(), strict=True)
+    )
+
+
 def test_object_sizes_follow_the_world_and_the_first_world_stays_reproducible():
     import hashlib
 

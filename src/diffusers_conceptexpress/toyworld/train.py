@@ -413,20 +413,16 @@ def stage_pool(args, run_dir: Path, log: Logger) -> None:
     build_tokenizer(run_dir / "tokenizer")
     starts = list(range(0, args.pool, 256))
     t0 = time.time()
-    if args.pool_workers > 1:  # scene rendering is single-threaded Python: split the batches over processes
+    if args.pool_workers > 1:  # the VAE encoding dominates: contiguous runs of batches, one process each
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        parts = [starts[i :: args.pool_workers] for i in range(args.pool_workers)]
+        per = math.ceil(len(starts) / args.pool_workers)
+        parts = [starts[i : i + per] for i in range(0, len(starts), per)]
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.pool_workers, mp_context=ctx) as ex:
-            done = ex.map(
-                _pool_batches, *zip(*[(run_dir, p, args.pool, args.rim, 1) for p in parts], strict=True)
-            )
-            by_start = {
-                s: b for p, batches in zip(parts, done, strict=True) for s, b in zip(p, batches, strict=True)
-            }
-        batches = [by_start[s] for s in starts]
+        with ProcessPoolExecutor(len(parts), mp_context=ctx) as ex:
+            jobs = [ex.submit(_pool_batches, run_dir, part, args.pool, args.rim, 1) for part in parts]
+            batches = [batch for job in jobs for batch in job.result()]
     else:
         batches = _pool_batches(run_dir, starts, args.pool, args.rim, args.threads)
     lat, ids, images, labels = (list(part) for part in zip(*batches, strict=True))
@@ -946,6 +942,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         return d
 
     snapshots = {int(v) for v in args.snapshot_steps.split(",") if v.strip()}
+
+    def snapshot() -> None:
+        """The EMA UNet as a diffusers folder, ``<run-dir>/snapshots/step<N>``."""
+        folder = run_dir / "snapshots" / f"step{step}"
+        ema.save_pretrained(folder)
+        log(stage="unet", step=step, snapshot=str(folder))
+
     losses, eot_losses, group_losses, coherence_losses = [], [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
@@ -1028,13 +1031,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if step in snapshots:
-            ema.save_pretrained(run_dir / "snapshots" / f"step{step}")
-            log(stage="unet", step=step, snapshot=str(run_dir / "snapshots" / f"step{step}"))
+            snapshot()
         if time.time() - last_ckpt > 300:
             checkpoint()
             last_ckpt = time.time()
-    if snapshots and not (run_dir / "snapshots" / f"step{step}").exists():  # the last step, if cut short
-        ema.save_pretrained(run_dir / "snapshots" / f"step{step}")
+    if snapshots and step not in snapshots:  # the last step too, when a cap ends the run elsewhere
+        snapshot()
     diag = {"diag": diagnose(ema)} if args.diag_every else {}
     log(stage="unet", step=step, **diag, done=True, min=round((time.time() - t_start) / 60, 2))
     checkpoint(done=True)

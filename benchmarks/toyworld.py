@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,17 @@ def model_fingerprint(model: str) -> str:
         for f in sorted((Path(model) / part).glob("*.safetensors")):
             digest.update(f.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def code_version() -> str | None:
+    """The git commit the benchmark runs on (``+dirty`` with uncommitted changes), for the records' timings."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout  # noqa: E731
+        return run("rev-parse", "--short=12", "HEAD").strip() + (
+            "+dirty" if run("status", "--porcelain", "-uno") else ""
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def scenes(n: int, start: int) -> list[tuple[int, int]]:
@@ -222,6 +234,8 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
         "concepts": len(masks),
         "targets": targets,
         "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "code": code_version(),
         "unet_samples": out.learning.num_unet_samples,
         "updates": out.learning.num_updates,
         "prompts": prompts,

@@ -418,3 +418,22 @@ def test_pruning_keeps_exactly_the_terms_that_can_be_nonzero():
     dense = torch.logsumexp(h[..., :, None] - cost / 1e-3, dim=-2)
     torch.testing.assert_close(dense[0, [1, 3, 5, 7]], torch.full((4,), 10.0), rtol=0, atol=1e-3)
     torch.testing.assert_close(_NearestCells(cost, 1e-3).logsumexp(h, "col"), dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_fast_logsumexp_equals_torch_where_terms_underflow(dtype, dim):
+    # Sinkhorn's terms at reg 1e-3 lie thousands of log units apart; most of them underflow in exp.
+    from diffusers_conceptexpress.losses import _exp_flushed, _logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    x = (-5000 * torch.rand(6, 64, 64, generator=g)).to(dtype)
+    x[..., 3, 5] = 0.0  # a few terms near the top too
+    x[..., 7, :] += 60 * torch.rand(64, generator=g).to(dtype)
+    torch.testing.assert_close(
+        _logsumexp(x, dim), torch.logsumexp(x, dim), rtol=2 * torch.finfo(dtype).eps, atol=0
+    )
+    tiny = torch.finfo(dtype).tiny
+    expected = torch.exp(x)
+    torch.testing.assert_close(_exp_flushed(x), torch.where(expected < tiny, 0.0, expected), rtol=0, atol=0)
+    assert (_exp_flushed(x) > 0).any() and (_exp_flushed(x) == 0).any()

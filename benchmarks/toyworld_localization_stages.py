@@ -10,6 +10,10 @@
    and exact-count rate; K-means given K = objects + 1 for comparison. And a census of the concepts it
    returns: mostly background (< 1/2 inside any object), extra fragments of an object that has one
    already, spanning two objects (> 1/5 of the concept in each), and the objects no concept covers.
+   For the spanning concepts, whether the objects they span touch (their masks, grown by one pixel,
+   overlap: occlusion or contact) and where they were joined: already inside one kept candidate cluster
+   ("pre-clustering") or by the post-clustering merge, whose threshold is the chosen level's tau; with
+   the cluster count and tau of the chosen level, and tau of the finer level below it.
 2. **[EOT] filter per object attribute** (``--scenes`` scenes, seeds from ``--seed-start``). The published
    filter keeps a cluster when its EOT score (mean of the min-max normalised [EOT] map of the empty prompt
    inside the cluster / mean over the image, ``localization.eot_scores``) is above 1. Here the "cluster" is
@@ -76,6 +80,16 @@ def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 4-neighbours (one pixel of growth)."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
 def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
     """Oracle mIoUs of the pre-clustering and of the kept clusters, the result's mIoU, and its concept census."""
     scene = render_scene(seed, num_objects=num_objects, **(world or {}))
@@ -101,12 +115,23 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
         return float(np.mean(ious))
 
     masks = [np.asarray(m, dtype=bool) for m in res.masks]
-    owners, spanning = [], 0
+    owners, spanning, touching, joined_pre = [], 0, 0, 0
+    kept_candidates = [cand == c for c in range(cand.max() + 1) if kept[c]]
     for m in masks:
         inside = [(m & gt).sum() / max(m.sum(), 1) for gt in scene.masks]
         owners.append(int(np.argmax(inside)) if max(inside) > 0.5 else None)
-        spanning += int(sum(f > 0.2 for f in inside) >= 2)
+        spanned = [j for j, f in enumerate(inside) if f > 0.2]
+        if len(spanned) >= 2:
+            spanning += 1
+            gts = [scene.masks[j] for j in spanned]
+            touching += int(any((_grow(a) & b).any() for i, a in enumerate(gts) for b in gts[i + 1 :]))
+            # the concept is a union of kept candidates: was one of them spanning the objects already?
+            parts = [
+                up for up in (_upsample(c, size) for c in kept_candidates) if (up & m).sum() > 0.5 * up.sum()
+            ]
+            joined_pre += int(any(sum((up & gt).sum() > 0.2 * up.sum() for gt in gts) >= 2 for up in parts))
     counts = [owners.count(j) for j in range(num_objects)]
+    d = res.details
     return {
         "oracle_pre": oracle(np.ones(len(kept), dtype=bool)),
         "oracle_kept": oracle(kept),
@@ -117,8 +142,12 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
         "fragments": sum(max(c - 1, 0) for c in counts),
         "spanning": spanning,
         "missed": counts.count(0),
+        "spanning_touching": touching,
+        "spanning_joined_pre": joined_pre,
         "objects": num_objects,
         "concepts": len(masks),
+        "level_clusters": d.cluster_counts[d.level],
+        "tau": d.threshold,
     }
 
 
@@ -159,6 +188,7 @@ def main() -> None:
     keys = ("oracle_pre", "oracle_kept", "miou", "exact", "kmeans_miou")
     summary["stages"] = {key: float(np.mean([r[key] for r in stages])) for key in keys}
     census_keys = ("objects", "concepts", "background", "fragments", "spanning", "missed")
+    census_keys += ("spanning_touching", "spanning_joined_pre")
     summary["census"] = {key: int(sum(r[key] for r in stages)) for key in census_keys}
     st = summary["stages"]
     print(
@@ -183,9 +213,27 @@ def main() -> None:
     )
     print(
         "| objects | concepts returned | mostly background | extra fragments | spanning 2 objects | "
-        "objects missed |\n|---|---|---|---|---|---|"
+        "objects missed | spanning: objects touch | spanning: joined in a candidate |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     print(_markdown_row(summary["census"].values()) + "\n")  # fmt: skip
+    # the chosen level (the last with >= 10 clusters): a coarse one has a large tau, and the post-clustering
+    # then merges every pair of touching kept clusters closer than it
+    summary["scenes"] = [{"seed": args.stage_seed_start + i, **r} for i, r in enumerate(stages)]
+    print(
+        "| chosen level | scenes | tau (mean) | exact count | with a spanning concept | with an extra concept |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, group in (
+        ("<= 15 clusters", [r for r in stages if r["level_clusters"] <= 15]),
+        ("> 15 clusters", [r for r in stages if r["level_clusters"] > 15]),
+    ):
+        if group:
+            print(_markdown_row([name, len(group), f"{np.mean([r['tau'] for r in group]):.3f}",
+                                 f"{np.mean([r['exact'] for r in group]):.0%}",
+                                 sum(r["spanning"] > 0 for r in group),
+                                 sum(r["concepts"] > r["objects"] for r in group)]))  # fmt: skip
+    print()
 
     if args.scenes:
         rows, scenes_ok = [], []

@@ -13,7 +13,9 @@
    For the spanning concepts, whether the objects they span touch (their masks, grown by one pixel,
    overlap: occlusion or contact) and where they were joined: already inside one kept candidate cluster
    ("pre-clustering") or by the post-clustering merge, whose threshold is the chosen level's tau; with
-   the cluster count and tau of the chosen level, and tau of the finer level below it.
+   the cluster count and tau of the chosen level. And the model's side of it: the smallest symmetric KL
+   between two ground-truth objects' mean self-attention rows (the distance the post-clustering compares
+   with tau), and how often it is below tau.
 2. **[EOT] filter per object attribute** (``--scenes`` scenes, seeds from ``--seed-start``). The published
    filter keeps a cluster when its EOT score (mean of the min-max normalised [EOT] map of the empty prompt
    inside the cluster / mean over the image, ``localization.eot_scores``) is above 1. Here the "cluster" is
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_conceptexpress import ConceptExpressPipeline
+from diffusers_conceptexpress.clustering import pairwise_distance
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
@@ -93,7 +96,9 @@ def _grow(mask: np.ndarray) -> np.ndarray:
 def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
     """Oracle mIoUs of the pre-clustering and of the kept clusters, the result's mIoU, and its concept census."""
     scene = render_scene(seed, num_objects=num_objects, **(world or {}))
-    res = pipe.localize_concepts(scene.image, generator=torch.Generator().manual_seed(0))
+    res = pipe.localize_concepts(
+        scene.image, generator=torch.Generator().manual_seed(0), return_attention=True
+    )
     km = pipe.localize_concepts(
         scene.image, method="kmeans", num_concepts=num_objects + 1, generator=torch.Generator().manual_seed(0)
     )
@@ -132,6 +137,12 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
             joined_pre += int(any(sum((up & gt).sum() > 0.2 * up.sum() for gt in gts) >= 2 for up in parts))
     counts = [owners.count(j) for j in range(num_objects)]
     d = res.details
+    on_grid = [
+        F.adaptive_avg_pool2d(torch.from_numpy(gt).float()[None, None], cand.shape)[0, 0].flatten() >= 0.5
+        for gt in scene.masks
+    ]
+    rows = torch.stack([res.attention[g].mean(0) for g in on_grid if g.any()])
+    between = pairwise_distance(rows, metric="symmetric_kl")[~torch.eye(rows.shape[0], dtype=torch.bool)]
     return {
         "oracle_pre": oracle(np.ones(len(kept), dtype=bool)),
         "oracle_kept": oracle(kept),
@@ -148,6 +159,7 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
         "concepts": len(masks),
         "level_clusters": d.cluster_counts[d.level],
         "tau": d.threshold,
+        "closest_objects": float(between.min()) if between.numel() else None,
     }
 
 
@@ -233,6 +245,15 @@ def main() -> None:
                                  f"{np.mean([r['exact'] for r in group]):.0%}",
                                  sum(r["spanning"] > 0 for r in group),
                                  sum(r["concepts"] > r["objects"] for r in group)]))  # fmt: skip
+    close = [r for r in stages if r["closest_objects"] is not None and r["closest_objects"] <= r["tau"]]
+    far = [r for r in stages if r not in close]
+    closest = [r["closest_objects"] for r in stages if r["closest_objects"] is not None]
+    print(
+        f"\nTwo objects' mean attention rows closer than tau (sym. KL; median over scenes of the closest pair "
+        f"{np.median(closest):.3f}):\n\n| scenes | with a spanning concept |\n|---|---|"
+    )
+    for name, group in (("closest pair <= tau", close), ("closest pair > tau", far)):
+        print(_markdown_row([f"{name}: {len(group)}", sum(r["spanning"] > 0 for r in group)]))
     print()
 
     if args.scenes:

@@ -53,6 +53,24 @@ def test_localize_end_to_end(tiny_pipe, mode, size):
     assert (unet_probe(tiny_pipe) - out_before).abs().max() < 1e-5
 
 
+def test_return_attention_gives_the_clustered_matrix(tiny_pipe):
+    from diffusers_conceptexpress.clustering import cluster_means
+
+    img = make_image()
+    assert tiny_pipe.localize_concepts(img).attention is None  # not kept by default (64 MiB for SD)
+    result = tiny_pipe.localize_concepts(img, return_attention=True, post_clustering=False)
+    att = result.attention
+    assert att.shape == (256, 256) and (att >= 0).all()
+    torch.testing.assert_close(att.sum(1), torch.ones(256))
+    # it is the matrix that was clustered: without the merge, the features are the kept candidates' mean rows
+    labels = result.details.candidate_labels.flatten()
+    means = cluster_means(att, labels)[result.details.kept]
+    means = means / means.sum(1, keepdim=True)
+    assert result.num_concepts == means.shape[0] >= 1
+    for f in result.features.flatten(1):
+        assert min(float((f - g).abs().max()) for g in means) < 1e-6
+
+
 def test_keep_aspect_gives_non_square_latent(components_factory):
     pipe = ConceptExpressPipeline(**components_factory("sd1"))
     result = pipe.localize_concepts(make_image("RGB", (128, 64)), resize_policy="keep_aspect")

@@ -35,6 +35,8 @@ class ConceptLocalization(BaseOutput):
         resize: how the image was resized for the model (maps masks back to the original size).
         notes: fallbacks taken, in words (e.g. the stopping rule found no level with >= 10 clusters).
         options: the localization options used (JSON-serialisable).
+        attention: (h*w, h*w) aggregated self-attention that was clustered, rows summing to 1 (raster order
+            of the latent grid); only with ``localize_concepts(..., return_attention=True)``, else None.
     """
 
     masks: list[PIL.Image.Image]
@@ -48,6 +50,7 @@ class ConceptLocalization(BaseOutput):
     resize: ResizeRecord | None = None
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    attention: torch.Tensor | None = None
 
     @property
     def num_concepts(self) -> int:

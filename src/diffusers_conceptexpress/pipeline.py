@@ -131,7 +131,12 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     # ------------------------------------------------------------- localization
     @torch.no_grad()
     def localize_concepts(
-        self, image: ImageInput, *, generator: torch.Generator | None = None, **options
+        self,
+        image: ImageInput,
+        *,
+        generator: torch.Generator | None = None,
+        return_attention: bool = False,
+        **options,
     ) -> ConceptLocalization:
         r"""Find the concepts of ``image``: one UNet pass, then clustering (method.md §1).
 
@@ -139,6 +144,8 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             image: a path, PIL image (any mode; EXIF orientation applied), numpy array (H, W[, C]) or torch
                 tensor (C, H, W) in [0, 1]. At least 64 px on each side.
             generator: seeds the random parts ("kmeans" initialisation, ``latent_sampling="sample"``).
+            return_attention: also return the aggregated self-attention that was clustered (``attention``
+                of the result: (h*w, h*w) float, 64 MiB at SD's 64 x 64 latent grid); off by default.
             **options: fields of :class:`~diffusers_conceptexpress.LocalizationConfig`, e.g.
                 ``method="finch"``, ``method="kmeans", num_concepts=3``, ``resize_policy="keep_aspect"``.
 
@@ -189,7 +196,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         recorder.reset()
 
         result = localize(attention, (h, w), eot_map, config, generator=generator)
-        del attention
+        attention = attention.float().cpu() if return_attention else None
         notes += result.notes
         for note in notes:
             logger.info(note)
@@ -205,6 +212,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             resize=record,
             notes=notes,
             options={**config.to_dict(), "resolution": resolution, "eot_factor_used": eot_factor},
+            attention=attention,
         )
 
     # ---------------------------------------------------------------- learning

@@ -396,6 +396,31 @@ def test_self_attention_coherence_loss_known_answers():
     )
 
 
+def test_self_attention_separation_loss_known_answers():
+    from diffusers_conceptexpress.toyworld.train import self_attention_separation_loss
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    labels[:, :4, :4] = 1  # object 1: cells 0, 1, 4, 5 of a 4x4 grid
+    labels[:, 4:, 4:] = 2  # object 2: cells 10, 11, 14, 15
+    labels[1, 4:, 4:] = 0  # the second scene has one object: no pair
+    same = torch.full((2, 16, 16), 1 / 16)
+    # alike objects: symKL 0, the full margin
+    assert self_attention_separation_loss(same, labels, 0.7).item() == pytest.approx(0.7, rel=1e-6)
+    # object 1's rows on cell 0 (0.9) and cell 1 (0.1), object 2's the other way round: their means are at
+    # symKL 0.5 * (0.8 ln 9 + 0.8 ln 9) = 0.8 ln 9
+    rows = same.clone()
+    for cells, (a, b) in (([0, 1, 4, 5], (0.9, 0.1)), ([10, 11, 14, 15], (0.1, 0.9))):
+        rows[0, cells] = 0.0
+        rows[0, cells, 0], rows[0, cells, 1] = a, b
+    dist = 0.8 * np.log(9)
+    rows.requires_grad_(True)
+    loss = self_attention_separation_loss(rows, labels, dist + 0.5)
+    assert loss.item() == pytest.approx(0.5, rel=1e-4)
+    loss.backward()
+    assert rows.grad[0, 0, 0] < 0 < rows.grad[0, 0, 1]  # object 1 is pushed further onto cell 0
+    assert self_attention_separation_loss(rows.detach(), labels, dist - 0.1).item() == 0.0
+
+
 def test_differentiable_aggregation_equals_the_recorders(offline):
     from diffusers_conceptexpress import ConceptExpressPipeline
     from diffusers_conceptexpress.attention import AttentionRecorder, capture_attention

@@ -778,20 +778,62 @@ def self_attention_coherence_loss(
         scalar: mean, over pure cells (>= 99% of the cell in one segment), of
         relu(symKL(row, mean row of the segment's pure cells) - max_distance).
     """
-    size = math.isqrt(attn.shape[-1])
-    frac = segment_shares(labels, (size, size)).flatten(2)  # (B, segments, R * R)
-    num = frac.shape[1]
-    share, segment = frac.max(1)  # (B, R * R)
-    pure = (share > 0.99) & ((segment > 0) | background)
+    segment, pure, _, means = _segment_mean_rows(attn, labels, background)
     if not pure.any():
         return attn.sum() * 0.0
-    member = F.one_hot(segment, num).float() * pure[..., None].float()  # (B, R * R, segments)
-    means = torch.bmm(member.transpose(1, 2), attn) / member.sum(1).clamp_min(1)[..., None]
     b, cell = pure.nonzero(as_tuple=True)
-    rows = attn[b, cell].clamp_min(1e-12)
-    mean = means[b, segment[b, cell]].clamp_min(1e-12)
-    sym_kl = 0.5 * ((rows - mean) * (rows.log() - mean.log())).sum(-1)
-    return F.relu(sym_kl - max_distance).mean()
+    return F.relu(_symmetric_kl(attn[b, cell], means[b, segment[b, cell]]) - max_distance).mean()
+
+
+def self_attention_separation_loss(
+    attn: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
+    """Hinge loss that keeps the mean aggregated self-attention rows of DIFFERENT objects apart.
+
+    The method's post-clustering joins two neighbouring clusters when the symmetric KL between their mean
+    rows is at most the chosen FINCH level's tau (0.3-0.55 on coarse levels of the toy grid); objects that
+    touch and attend alike then come out as one concept (docs/benchmarks.md).
+
+    Args:
+        attn: (B, R * R, R * R) aggregated self-attention, as for :func:`self_attention_coherence_loss`.
+        labels: (B, H, W) integer object label maps (0 = background).
+        margin: wanted symmetric KL between the mean rows (over pure cells) of two objects of one scene.
+
+    Returns:
+        scalar: mean over the object pairs of every scene of relu(margin - symKL(mean_i, mean_j)); 0 (in the
+        graph) when no scene has two objects with pure cells.
+    """
+    _, _, counts, means = _segment_mean_rows(attn, labels, background=False)
+    present = counts[:, 1:] > 0  # (B, objects): objects with pure cells
+    terms = []
+    for b in range(attn.shape[0]):
+        objs = (present[b].nonzero().flatten() + 1).tolist()
+        for i, first in enumerate(objs):
+            for second in objs[i + 1 :]:
+                terms.append(F.relu(margin - _symmetric_kl(means[b, first], means[b, second])))
+    return torch.stack(terms).mean() if terms else attn.sum() * 0.0
+
+
+def _symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """0.5 (KL(p||q) + KL(q||p)) over the last dim, entries clamped to at least 1e-12 (as the clustering)."""
+    p, q = p.clamp_min(1e-12), q.clamp_min(1e-12)
+    return 0.5 * ((p - q) * (p.log() - q.log())).sum(-1)
+
+
+def _segment_mean_rows(attn: torch.Tensor, labels: torch.Tensor, background: bool):
+    """Per scene and segment, the mean row over the segment's pure cells (>= 99% of the cell in it).
+
+    Returns ``(segment, pure, counts, means)``: (B, R * R) main segment and purity of every cell,
+    (B, segments) pure-cell counts and (B, segments, R * R) mean rows (0 where a segment has no pure cell).
+    """
+    size = math.isqrt(attn.shape[-1])
+    frac = segment_shares(labels, (size, size)).flatten(2)  # (B, segments, R * R)
+    share, segment = frac.max(1)  # (B, R * R)
+    pure = (share > 0.99) & ((segment > 0) | background)
+    member = F.one_hot(segment, frac.shape[1]).float() * pure[..., None].float()  # (B, R * R, segments)
+    counts = member.sum(1)
+    means = torch.bmm(member.transpose(1, 2), attn) / counts.clamp_min(1)[..., None]
+    return segment, pure, counts, means
 
 
 class NoiseLevelWeights:
@@ -879,7 +921,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         empty = text(empty_ids).last_hidden_state
     compound = compound_conditioning(tokenizer, text, ids) if args.compound_prob > 0 else None
     eot_recorder = None
-    if args.eot_weight > 0 or args.group_weight > 0 or args.coherence_weight > 0:
+    if (
+        args.eot_weight > 0
+        or args.group_weight > 0
+        or args.coherence_weight > 0
+        or args.separation_weight > 0
+    ):
         if labels is None:
             raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
         # the localization pass (pipeline.py): clean latent, t = 0, empty prompt; the [EOT] map exactly as
@@ -887,7 +934,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         eot_factor = nearest_factor(unet_cross_attention_factors(unet), LocalizationConfig.eot_factor)
         eot_recorder = AttentionRecorder(
             (LATENT, LATENT),
-            record_self=args.group_weight > 0 or args.coherence_weight > 0,
+            record_self=args.group_weight > 0 or args.coherence_weight > 0 or args.separation_weight > 0,
             self_with_grad=True,
             cross_token_indices=[find_eot_index(empty_ids[0], tokenizer.eos_token_id)]
             if args.eot_weight > 0
@@ -949,7 +996,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         ema.save_pretrained(folder)
         log(stage="unet", step=step, snapshot=str(folder))
 
-    losses, eot_losses, group_losses, coherence_losses = [], [], [], []
+    losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -997,13 +1044,18 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 group_loss = self_attention_grouping_loss(maps, lab_e, args.group_target)
                 loss = loss + args.group_weight * group_loss
                 group_losses.append(group_loss.item())
-            if args.coherence_weight > 0:
+            if args.coherence_weight > 0 or args.separation_weight > 0:
                 aggregated = aggregate_self_attention(maps, LATENT)
+            if args.coherence_weight > 0:
                 coherence = self_attention_coherence_loss(
                     aggregated, lab_e, args.coherence_distance, background=not args.coherence_objects_only
                 )
                 loss = loss + args.coherence_weight * coherence
                 coherence_losses.append(coherence.item())
+            if args.separation_weight > 0:
+                separation = self_attention_separation_loss(aggregated, lab_e, args.separation_margin)
+                loss = loss + args.separation_weight * separation
+                separation_losses.append(separation.item())
             eot_recorder.reset()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1026,8 +1078,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 **(
                     {"coherence_loss": round(float(np.mean(coherence_losses)), 4)} if coherence_losses else {}
                 ),
+                **(
+                    {"separation_loss": round(float(np.mean(separation_losses)), 4)}
+                    if separation_losses
+                    else {}
+                ),
             )
-            losses, eot_losses, group_losses, coherence_losses = [], [], [], []
+            losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if step in snapshots:
@@ -1199,6 +1256,19 @@ def main(argv: list[str] | None = None) -> None:
         "on the method's aggregated self-attention (0: off)",
     )
     p.add_argument("--coherence-objects-only", action="store_true", help="do not score the background's rows")
+    p.add_argument(
+        "--separation-weight",
+        type=float,
+        default=0.0,
+        help="weight of the self-attention separation loss (self_attention_separation_loss): different objects' "
+        "mean rows apart (0: off)",
+    )
+    p.add_argument(
+        "--separation-margin",
+        type=float,
+        default=1.0,
+        help="wanted symmetric KL between two objects' mean rows",
+    )
     p.add_argument(
         "--coherence-distance", type=float, default=0.05, help="allowed symmetric KL to the object's mean row"
     )

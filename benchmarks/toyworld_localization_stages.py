@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_conceptexpress import ConceptExpressPipeline
-from diffusers_conceptexpress.clustering import pairwise_distance
+from diffusers_conceptexpress.clustering import masks_touch, pairwise_distance
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
@@ -83,16 +83,6 @@ def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
-def _grow(mask: np.ndarray) -> np.ndarray:
-    """The mask and its 4-neighbours (one pixel of growth)."""
-    out = mask.copy()
-    out[1:] |= mask[:-1]
-    out[:-1] |= mask[1:]
-    out[:, 1:] |= mask[:, :-1]
-    out[:, :-1] |= mask[:, 1:]
-    return out
-
-
 def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
     """Oracle mIoUs of the pre-clustering and of the kept clusters, the result's mIoU, and its concept census."""
     scene = render_scene(seed, num_objects=num_objects, **(world or {}))
@@ -105,15 +95,19 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
     cand = res.details.candidate_labels.numpy()
     kept = res.details.kept.numpy()
     size = scene.masks[0].shape
+    # each object on the latent grid: the cells it covers at least half of
+    on_grid = [
+        (F.adaptive_avg_pool2d(torch.from_numpy(gt).float()[None, None], cand.shape)[0, 0] >= 0.5).numpy()
+        for gt in scene.masks
+    ]
 
     def oracle(allowed: np.ndarray) -> float:
         ious = []
-        for gt in scene.masks:
-            on_grid = F.adaptive_avg_pool2d(torch.from_numpy(gt).float()[None, None], cand.shape)[0, 0] >= 0.5
+        for gt, cells in zip(scene.masks, on_grid, strict=True):
             union = np.zeros(cand.shape, dtype=bool)
             for c in range(cand.max() + 1):
                 member = cand == c
-                if allowed[c] and (member & on_grid.numpy()).sum() > 0.5 * member.sum():
+                if allowed[c] and (member & cells).sum() > 0.5 * member.sum():
                     union |= member
             up = _upsample(union, size)
             ious.append((up & gt).sum() / max((up | gt).sum(), 1))
@@ -121,7 +115,7 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
 
     masks = [np.asarray(m, dtype=bool) for m in res.masks]
     owners, spanning, touching, joined_pre = [], 0, 0, 0
-    kept_candidates = [cand == c for c in range(cand.max() + 1) if kept[c]]
+    kept_candidates = [_upsample(cand == c, size) for c in range(cand.max() + 1) if kept[c]]
     for m in masks:
         inside = [(m & gt).sum() / max(m.sum(), 1) for gt in scene.masks]
         owners.append(int(np.argmax(inside)) if max(inside) > 0.5 else None)
@@ -129,19 +123,15 @@ def stage_record(pipe, seed: int, num_objects: int, world=None) -> dict:
         if len(spanned) >= 2:
             spanning += 1
             gts = [scene.masks[j] for j in spanned]
-            touching += int(any((_grow(a) & b).any() for i, a in enumerate(gts) for b in gts[i + 1 :]))
+            touch = masks_touch(torch.from_numpy(np.stack(gts)))
+            touching += int(bool((touch & ~torch.eye(len(gts), dtype=torch.bool)).any()))
             # the concept is a union of kept candidates: was one of them spanning the objects already?
-            parts = [
-                up for up in (_upsample(c, size) for c in kept_candidates) if (up & m).sum() > 0.5 * up.sum()
-            ]
+            parts = [up for up in kept_candidates if (up & m).sum() > 0.5 * up.sum()]
             joined_pre += int(any(sum((up & gt).sum() > 0.2 * up.sum() for gt in gts) >= 2 for up in parts))
     counts = [owners.count(j) for j in range(num_objects)]
     d = res.details
-    on_grid = [
-        F.adaptive_avg_pool2d(torch.from_numpy(gt).float()[None, None], cand.shape)[0, 0].flatten() >= 0.5
-        for gt in scene.masks
-    ]
-    rows = torch.stack([res.attention[g].mean(0) for g in on_grid if g.any()])
+    cells = [torch.from_numpy(c.reshape(-1)) for c in on_grid]
+    rows = torch.stack([res.attention[c].mean(0) for c in cells if c.any()])
     between = pairwise_distance(rows, metric="symmetric_kl")[~torch.eye(rows.shape[0], dtype=torch.bool)]
     return {
         "oracle_pre": oracle(np.ones(len(kept), dtype=bool)),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ from diffusers_conceptexpress.evaluation import (
 )
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import WORLD_VERSION, classify, model_path, render_scene
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
@@ -76,8 +78,13 @@ def model_fingerprint(model: str) -> str:
     return digest.hexdigest()[:12]
 
 
+@functools.cache
 def code_version() -> str | None:
-    """The git commit the benchmark runs on (``+dirty`` with uncommitted changes), for the records' timings."""
+    """The git commit the benchmark runs on (``+dirty`` with uncommitted changes), for the records' timings.
+
+    Read once per process (``main`` reads it at start), so a commit made while a long run goes on does not
+    relabel the records the running code writes.
+    """
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout  # noqa: E731
         return run("rev-parse", "--short=12", "HEAD").strip() + (
@@ -85,6 +92,25 @@ def code_version() -> str | None:
         )
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rim`` and ``--radius-range``: the toy-world options of the benchmark scripts that render scenes."""
+    parser.add_argument(
+        "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
+    )
+    parser.add_argument(
+        "--radius-range",
+        type=float,
+        nargs=2,
+        default=None,
+        help="object radii of the 2-3-object scenes, px (default: the world's; 10 15 = the first world's)",
+    )
+
+
+def world_options(args: argparse.Namespace) -> dict:
+    """``render_scene``'s keyword arguments from ``add_world_arguments``' options (also written to the JSON)."""
+    return {"radius_range": tuple(args.radius_range) if args.radius_range else None, "rim": args.rim}
 
 
 def scenes(n: int, start: int) -> list[tuple[int, int]]:
@@ -376,6 +402,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/toyworld.json")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
+    code_version()  # the commit this process runs, before anything is committed meanwhile
     torch.set_num_threads(args.threads)
     model = args.model or model_path()
     fingerprint = model_fingerprint(model)

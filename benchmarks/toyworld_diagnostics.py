@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, classify, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
+from toyworld import add_world_arguments, world_options  # benchmarks/toyworld.py
 
 
 def matched_miou(gt: list[np.ndarray], pred: list[np.ndarray]) -> float:
@@ -170,16 +170,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-t2i", action="store_true")
-    p.add_argument(
-        "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
-    )
-    p.add_argument(
-        "--radius-range",
-        type=float,
-        nargs=2,
-        default=None,
-        help="object radii of the 2-3-object scenes, px (default: the world's; 10 15 = the first world's)",
-    )
+    add_world_arguments(p)
     p.add_argument("--per-factor-scenes", type=int, default=50, help="scenes for the per-resolution table")
     p.add_argument("--grid", default=None, help="save the generated images as one PNG grid here")
     p.add_argument("--out", default="benchmarks/results/toyworld_diagnostics.json")
@@ -190,8 +181,7 @@ def main() -> None:
     pipe = ConceptExpressPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(args.seed_start, args.seed_start + args.scenes))
-    radius = tuple(args.radius_range) if args.radius_range else None
-    world = {"radius_range": radius, "rim": args.rim}  # render_scene's options
+    world = world_options(args)  # render_scene's options
     loc, loc_rows = localization_diagnostics(pipe, seeds, world)
     per_factor = (
         per_factor_diagnostics(pipe, seeds[: args.per_factor_scenes], world) if args.per_factor_scenes else {}
@@ -212,8 +202,7 @@ def main() -> None:
     result = {
         "model": str(model),
         "scenes_seeds": [seeds[0], seeds[-1]],
-        "radius_range": radius,
-        "rim": args.rim,
+        **world,
         **loc,
         **t2i,
         "kmeans_miou_by_layers": per_factor,

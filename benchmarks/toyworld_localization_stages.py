@@ -44,7 +44,7 @@ from diffusers_conceptexpress.clustering import masks_touch, pairwise_distance
 from diffusers_conceptexpress.evaluation import mask_metrics
 from diffusers_conceptexpress.localization import eot_scores
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
+from toyworld import add_world_arguments, world_options  # benchmarks/toyworld.py
 
 
 def object_scores(pipe, seed: int, num_objects: int, world=None) -> list[dict]:
@@ -164,25 +164,15 @@ def main() -> None:
     p.add_argument("--seed-start", type=int, default=30_000)
     p.add_argument("--stage-scenes", type=int, default=50)
     p.add_argument("--stage-seed-start", type=int, default=20_000)
-    p.add_argument(
-        "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
-    )
-    p.add_argument(
-        "--radius-range",
-        type=float,
-        nargs=2,
-        default=None,
-        help="object radii of the scenes, px (default: the world's; 10 15 = the first world's)",
-    )
+    add_world_arguments(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/toyworld_localization_stages.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
     pipe.set_progress_bar_config(disable=True)
-    radius = tuple(args.radius_range) if args.radius_range else None
-    world = {"radius_range": radius, "rim": args.rim}  # render_scene's options
-    summary: dict = {"radius_range": radius, "rim": args.rim}
+    world = world_options(args)  # render_scene's options
+    summary: dict = dict(world)
 
     stages = [
         stage_record(pipe, args.stage_seed_start + i, 2 + i % 2, world) for i in range(args.stage_scenes)
@@ -195,7 +185,7 @@ def main() -> None:
     st = summary["stages"]
     print(
         f"Stages, {args.stage_scenes} scenes (seeds {args.stage_seed_start}-"
-        f"{args.stage_seed_start + args.stage_scenes - 1}), radius range {radius or 'of the world'}:\n"
+        f"{args.stage_seed_start + args.stage_scenes - 1}), radius range {world['radius_range'] or 'of the world'}:\n"
     )
     print(
         "| oracle on the pre-clustering | oracle on the kept clusters | localizer mIoU | exact count | "

@@ -182,32 +182,25 @@ def test_pil_i16_is_scaled_not_clipped() -> None:
     assert out[5, 5, 0] == 0
 
 
-def test_pil_i32_is_scaled_by_its_max() -> None:
-    values = np.zeros((H, W), dtype=np.int32)
-    values[0, 0] = 1000
-    values[0, 1] = 500
+@pytest.mark.parametrize(
+    ("dtype", "mode", "top", "other", "expected"),
+    [(np.int32, "I", 1000, 500, 128), (np.float32, "F", 4000.0, 1000.0, 64)],
+)
+def test_pil_wide_modes_are_scaled_by_their_max(dtype, mode, top, other, expected) -> None:
+    values = np.zeros((H, W), dtype=dtype)
+    values[0, 0] = top
+    values[0, 1] = other
     img = Image.fromarray(values)
-    assert img.mode == "I"
+    assert img.mode == mode
     out = _assert_rgb(load_image(img))
     assert out[0, 0, 0] == 255
-    assert abs(int(out[0, 1, 0]) - 128) <= 1
+    assert abs(int(out[0, 1, 0]) - expected) <= 1
 
 
 def test_pil_i32_small_values_kept() -> None:
     values = np.full((H, W), 100, dtype=np.int32)
     out = _assert_rgb(load_image(Image.fromarray(values)))
     assert (out == 100).all()
-
-
-def test_pil_float_mode_is_scaled_by_its_max() -> None:
-    values = np.zeros((H, W), dtype=np.float32)
-    values[0, 0] = 4000.0
-    values[0, 1] = 1000.0
-    img = Image.fromarray(values)
-    assert img.mode == "F"
-    out = _assert_rgb(load_image(img))
-    assert out[0, 0, 0] == 255
-    assert abs(int(out[0, 1, 0]) - 64) <= 1
 
 
 def test_pil_mode_1() -> None:

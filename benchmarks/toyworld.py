@@ -280,6 +280,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
     sets, seconds, samples = [], [], []
     right = {"both": 0, "shape": 0, "color": 0}
     total = 0
+    per_concept = []  # one row per learned concept, for paired comparisons across models and variants
     for seed, n in items:
         result = json.loads(_result_path(records, variant, seed).read_text())
         folder = _samples_dir(work, variant, seed)
@@ -291,12 +292,25 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         for k, images in enumerate(single):
             target = result["targets"][k]
             truth = scene.objects[target] if target is not None else {}
+            row = {
+                "seed": seed,
+                "concept": k,
+                "target": target,
+                "images": 0,
+                "both": 0,
+                "shape": 0,
+                "color": 0,
+            }
             for read in classify(images):
                 shape, color = read["shape"] == truth.get("shape"), read["color"] == truth.get("color")
-                right["both"] += int(shape and color)
-                right["shape"] += int(shape)
-                right["color"] += int(color)
-                total += 1
+                row["both"] += int(shape and color)
+                row["shape"] += int(shape)
+                row["color"] += int(color)
+                row["images"] += 1
+            for key in right:
+                right[key] += row[key]
+            total += row["images"]
+            per_concept.append(row)
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
     metrics = evaluate_concepts(sets, encoder)
@@ -312,6 +326,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),
+        "per_concept": per_concept,
     }
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from diffusers_conceptexpress.atomic import atomic_file
 
 
-def _rows(summary: dict, variant: str) -> dict[tuple[int, int], dict]:
+def _rows(summary: dict, variant: str) -> tuple[set[int], dict[tuple[int, int], dict]]:
+    """The variant's scenes, and its concepts by (seed, ground-truth object) where the concept matched one."""
     rows = summary["extraction"][variant].get("per_concept")
     if rows is None:
         raise SystemExit(f"{variant!r} has no per_concept rows: re-summarise with the current toyworld.py")
-    return {(r["seed"], r["target"]): r for r in rows if r["target"] is not None}
+    return {r["seed"] for r in rows}, {(r["seed"], r["target"]): r for r in rows if r["target"] is not None}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -32,8 +33,8 @@ def compare(a: dict, b: dict) -> dict:
     for variant in a.get("extraction", {}):
         if variant not in b.get("extraction", {}):
             continue
-        ra, rb = _rows(a, variant), _rows(b, variant)
-        seeds = {s for s, _ in ra} & {s for s, _ in rb}
+        (seeds_a, ra), (seeds_b, rb) = _rows(a, variant), _rows(b, variant)
+        seeds = seeds_a & seeds_b
         # the objects of the shared scenes that either side learned; one the other side missed counts 0 there
         keys = sorted({k for k in (*ra, *rb) if k[0] in seeds})
         right_a = [ra[k]["both"] if k in ra else 0 for k in keys]

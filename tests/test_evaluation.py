@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmark_scripts import load_benchmark
 from diffusers_conceptexpress.evaluation import (
     CLIPImageEncoder,
     ConceptSet,
@@ -221,3 +222,22 @@ def test_cli_evaluate_runs_on_a_test_extraction(tmp_path, components_factory, ca
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", str(tmp_path / "empty"), "--encoder", "toy"]) != 0
     assert "No concept directory" in capsys.readouterr().err
+
+
+def test_paired_comparison_counts_shared_objects_only():
+    paired = load_benchmark("toyworld_paired")
+
+    def summary(rows):
+        return {"extraction": {"fast, GT masks": {"per_concept": rows}}}
+
+    def row(seed, concept, target, both):
+        return {"seed": seed, "concept": concept, "target": target, "images": 4, "both": both}
+
+    a = summary([row(1, 0, 0, 4), row(1, 1, 1, 2), row(2, 0, 0, 3), row(3, 0, None, 4)])
+    # seed 2 only in A: left out; B learned object 2 of seed 1, which A missed (0 there)
+    b = summary([row(1, 0, 1, 1), row(1, 1, 0, 4), row(1, 2, 2, 3), row(3, 0, 0, 2)])
+    r = paired.compare(a, b)["fast, GT masks"]
+    assert (r["scenes"], r["objects"], r["generations"]) == (2, 4, 16)
+    assert (r["right_a"], r["right_b"]) == (6, 10)
+    assert (r["a_better"], r["b_better"]) == (1, 2)  # object 1 of seed 1; objects 2 of seed 1 and 0 of seed 3
+    assert r["objects_rows"][0] == {"seed": 1, "object": 0, "a": 4, "b": 4}

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.optimize import linprog
 
+from benchmark_scripts import load_benchmark
 from diffusers_conceptexpress.losses import (
     diffusion_target,
     grid_cost,
@@ -352,14 +353,9 @@ def test_dual_gradient_is_alive_at_the_authors_defaults_where_autograd_is_not():
 
 def _blob_maps(side: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary-mask targets and peaked attention-like maps, (count, side * side) each: the benchmark's inputs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sinkhorn_cost.py"
-    spec = importlib.util.spec_from_file_location("sinkhorn_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.maps("mask vs attention", side, count, torch.Generator().manual_seed(seed))
+    return load_benchmark("sinkhorn_cost").maps(
+        "mask vs attention", side, count, torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize(

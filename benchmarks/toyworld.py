@@ -278,8 +278,6 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
 
 def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
     sets, seconds, samples = [], [], []
-    right = {"both": 0, "shape": 0, "color": 0}
-    total = 0
     per_concept = []  # one row per learned concept, for paired comparisons across models and variants
     for seed, n in items:
         result = json.loads(_result_path(records, variant, seed).read_text())
@@ -292,37 +290,27 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         for k, images in enumerate(single):
             target = result["targets"][k]
             truth = scene.objects[target] if target is not None else {}
-            row = {
-                "seed": seed,
-                "concept": k,
-                "target": target,
-                "images": 0,
-                "both": 0,
-                "shape": 0,
-                "color": 0,
-            }
-            for read in classify(images):
-                shape, color = read["shape"] == truth.get("shape"), read["color"] == truth.get("color")
-                row["both"] += int(shape and color)
-                row["shape"] += int(shape)
-                row["color"] += int(color)
-                row["images"] += 1
-            for key in right:
-                right[key] += row[key]
-            total += row["images"]
-            per_concept.append(row)
+            reads = classify(images)
+            shape = [r["shape"] == truth.get("shape") for r in reads]
+            color = [r["color"] == truth.get("color") for r in reads]
+            per_concept.append({
+                "seed": seed, "concept": k, "target": target, "images": len(reads),
+                "both": sum(s and c for s, c in zip(shape, color, strict=True)), "shape": sum(shape),
+                "color": sum(color),
+            })  # fmt: skip
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
     metrics = evaluate_concepts(sets, encoder)
+    total = max(sum(r["images"] for r in per_concept), 1)
     return {
         "sim_i": metrics.sim_i,
         "sim_c": metrics.sim_c,
         "acc1": metrics.acc1,
         "acc3": metrics.acc3,
-        "generation_correct": right["both"] / max(total, 1),
-        "generation_shape": right["shape"] / max(total, 1),
-        "generation_color": right["color"] / max(total, 1),
-        "generations": total,
+        "generation_correct": sum(r["both"] for r in per_concept) / total,
+        "generation_shape": sum(r["shape"] for r in per_concept) / total,
+        "generation_color": sum(r["color"] for r in per_concept) / total,
+        "generations": sum(r["images"] for r in per_concept),
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),

@@ -265,6 +265,44 @@ def test_a_run_seeded_from_the_shipped_model_exports_the_same_weights(tmp_path, 
     assert not any(r.get("stage") in ("vae", "clip") and "step" in r for r in log)  # nothing retrained
 
 
+def test_single_object_conditioning_is_the_one_concept_learning_prompt(offline):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_conceptexpress.toyworld.train import compound_conditioning, single_object_conditioning
+
+    tok = CLIPTokenizer.from_pretrained(model_path(), subfolder="tokenizer")
+    text = CLIPTextModel.from_pretrained(model_path(), subfolder="text_encoder").eval()
+    captions = [
+        "a photo of a red circle and a blue striped star",
+        "a photo of a blue striped star",
+        "a photo of a green heart and a red circle and a cyan cross",
+    ]
+    ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    states, index = single_object_conditioning(tok, text, ids)
+    # four distinct objects, each encoded once; caption order; -1 where a caption has fewer objects
+    assert states.shape == (4, 77, 64) and states.dtype == torch.float16
+    assert index.tolist() == [[0, 1, -1], [1, -1, -1], [2, 0, 3]]
+    # a one-object caption's learning form IS that object's single-concept prompt
+    alone = compound_conditioning(tok, text, ids[1:2])
+    assert torch.equal(states[1], alone[0])
+    assert not torch.allclose(states[0].float(), states[1].float(), atol=1e-2)
+
+
+def test_object_latent_masks_put_an_object_on_the_latent_grid_as_the_method_does():
+    from diffusers_conceptexpress.masks import masks_to_latent_grid
+    from diffusers_conceptexpress.toyworld.train import object_latent_masks, scene_batch
+
+    seeds = [5, 6, 7]
+    _, _, labels = scene_batch(seeds, labels=True)
+    objects = torch.tensor([0, 1, 0])
+    got = object_latent_masks(labels, objects)
+    assert got.shape == (3, 1, 32, 32) and set(got.unique().tolist()) <= {0.0, 1.0}
+    for b, seed in enumerate(seeds):
+        scene = render_scene(seed)
+        want = masks_to_latent_grid([scene.masks[int(objects[b])]], (64, 64), (32, 32))[0]
+        assert torch.equal(got[b, 0].bool(), want)
+
+
 def test_pool_workers_build_the_same_pool_and_snapshots_hold_the_ema(tmp_path, offline):
     from diffusers import UNet2DConditionModel
 
@@ -281,8 +319,10 @@ def test_pool_workers_build_the_same_pool_and_snapshots_hold_the_ema(tmp_path, o
         torch.testing.assert_close(two[key], one[key], atol=2e-3, rtol=0)  # fp16 latents; the rest equal
     assert torch.equal(two["labels"], one["labels"]) and torch.equal(two["ids"], one["ids"])
     # a run cut at step 2 saves its requested snapshot and, at the end, its last step: the EMA weights
+    # (with single-concept captions, whose loss is masked to one object's latent cells)
     main(["--run-dir", str(tmp_path / "two"), "--stages", "unet", "--unet-init", shipped, "--unet-arch",
-          "attn-32-16", "--unet-steps", "2", "--unet-batch", "2", "--snapshot-steps", "1", *common])  # fmt: skip
+          "attn-32-16", "--unet-steps", "2", "--unet-batch", "2", "--snapshot-steps", "1",
+          "--single-prob", "0.5", *common])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir()) == ["step1", "step2"]
     last = UNet2DConditionModel.from_pretrained(tmp_path / "two" / "snapshots" / "step2")
     ema = load_unet_checkpoint(tmp_path / "two" / "unet.pt", "ema")

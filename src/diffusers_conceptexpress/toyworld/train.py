@@ -17,7 +17,9 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    empty captions (classifier-free guidance), horizontal flips, EMA weights, ``--unet-weighting`` (plain MSE or
    normalised per noise level). ``--compound-prob`` gives that share of captions in the form of the method's
    learning prompts, ONE input slot per object ("a photo of <x_0> and <x_1>", each slot the sum of its
-   object's word embeddings: ``compound_conditioning``); ``--eot-weight`` adds, on a second small batch of
+   object's word embeddings: ``compound_conditioning``); ``--single-prob`` gives a share the method's
+   single-concept learning prompt "a photo of <x_k>" for one object k of the scene, with the loss masked to
+   that object's latent cells (``single_object_conditioning``); ``--eot-weight`` adds, on a second small batch of
    clean latents at t = 0 with the empty prompt (the localization pass), a hinge loss that makes the [EOT]
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
    labels); ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its
@@ -625,6 +627,53 @@ def object_phrases(caption: str) -> list[list[str]]:
     return [phrase.removeprefix("a ").split() for phrase in body.split(" and ")]
 
 
+def _object_slots(tokenizer, text, ids: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+    """The one-slot form of every object of every caption: per caption, the slot index of each of its objects
+    (caption order), and the slots' input embeddings (S, d), each the sum of its object's word embeddings."""
+    table = text.get_input_embeddings()
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    rows, slot_of, per_caption = [], {}, []
+    for row in ids.tolist():
+        words = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in row if i not in special]
+        slots = []
+        for phrase in object_phrases(" ".join(words)):
+            key = tuple(phrase)
+            if key not in slot_of:
+                slot_of[key] = len(rows)
+                rows.append(
+                    table.weight[tokenizer(" ".join(phrase), add_special_tokens=False).input_ids].sum(0)
+                )
+            slots.append(slot_of[key])
+        per_caption.append(slots)
+    return per_caption, torch.stack(rows)
+
+
+def _encode_with_slots(
+    tokenizer, text, slot_lists: list[list[int]], rows: torch.Tensor, length: int, batch: int
+):
+    """Text-encoder states (N, length, d) float16 of "a photo of <x_a> and <x_b> ..." for each list of slots."""
+    table = text.get_input_embeddings()
+    vocab = table.weight.shape[0]
+    head = tokenizer("a photo of", add_special_tokens=False).input_ids
+    joiner = tokenizer("and", add_special_tokens=False).input_ids
+    seqs = []
+    for slots in slot_lists:
+        seq = list(head)
+        for k, slot in enumerate(slots):
+            seq += ([] if k == 0 else joiner) + [vocab + slot]
+        seq = [tokenizer.bos_token_id, *seq, tokenizer.eos_token_id]
+        seqs.append(seq + [tokenizer.pad_token_id] * (length - len(seq)))
+    extended = torch.nn.Embedding.from_pretrained(torch.cat([table.weight, rows]), freeze=True)
+    text.set_input_embeddings(extended)
+    try:
+        new_ids = torch.tensor(seqs)
+        return torch.cat(
+            [text(new_ids[i : i + batch]).last_hidden_state.half() for i in range(0, len(seqs), batch)]
+        )
+    finally:
+        text.set_input_embeddings(table)
+
+
 @torch.no_grad()
 def compound_conditioning(tokenizer, text, ids: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """Text-encoder states of the learning-prompt form of every caption: ONE input slot per object.
@@ -640,33 +689,44 @@ def compound_conditioning(tokenizer, text, ids: torch.Tensor, batch: int = 512) 
     Returns:
         (N, 77, d) float16 last hidden states.
     """
-    table = text.get_input_embeddings()
-    vocab = table.weight.shape[0]
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    rows, compound = [], {}
-    seqs = []
-    for row in ids.tolist():
-        words = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in row if i not in special]
-        seq = tokenizer("a photo of", add_special_tokens=False).input_ids
-        for k, phrase in enumerate(object_phrases(" ".join(words))):
-            key = tuple(phrase)
-            if key not in compound:
-                compound[key] = vocab + len(rows)
-                rows.append(
-                    table.weight[tokenizer(" ".join(phrase), add_special_tokens=False).input_ids].sum(0)
-                )
-            seq += ([] if k == 0 else tokenizer("and", add_special_tokens=False).input_ids) + [compound[key]]
-        seq = [tokenizer.bos_token_id, *seq, tokenizer.eos_token_id]
-        seqs.append(seq + [tokenizer.pad_token_id] * (ids.shape[1] - len(seq)))
-    extended = torch.nn.Embedding.from_pretrained(torch.cat([table.weight, torch.stack(rows)]), freeze=True)
-    text.set_input_embeddings(extended)
-    try:
-        new_ids = torch.tensor(seqs)
-        return torch.cat(
-            [text(new_ids[i : i + batch]).last_hidden_state.half() for i in range(0, len(seqs), batch)]
-        )
-    finally:
-        text.set_input_embeddings(table)
+    per_caption, rows = _object_slots(tokenizer, text, ids)
+    return _encode_with_slots(tokenizer, text, per_caption, rows, ids.shape[1], batch)
+
+
+@torch.no_grad()
+def single_object_conditioning(tokenizer, text, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's single-concept learning prompt for every object of every caption: "a photo of <x_k>".
+
+    The prompt depends only on the object's words, so it is encoded once per distinct object (at most
+    colours x shapes x [striped]).
+
+    Args:
+        ids: (N, 77) token ids of template captions (padded).
+
+    Returns:
+        states: (S, 77, d) float16 last hidden states, one per distinct object;
+        index: (N, max objects) long, the row of ``states`` of caption n's k-th object (caption order, the
+        order of the scene's masks and labels k + 1), -1 where caption n has fewer objects.
+    """
+    per_caption, rows = _object_slots(tokenizer, text, ids)
+    states = _encode_with_slots(tokenizer, text, [[s] for s in range(rows.shape[0])], rows, ids.shape[1], 512)
+    index = torch.full((len(per_caption), max(map(len, per_caption))), -1, dtype=torch.long)
+    for n, slots in enumerate(per_caption):
+        index[n, : len(slots)] = torch.tensor(slots)
+    return states, index
+
+
+def object_latent_masks(labels: torch.Tensor, objects: torch.Tensor, size: int = LATENT) -> torch.Tensor:
+    """Each scene's chosen object on the latent grid, as the method puts a mask there (area share > 0.5).
+
+    Args:
+        labels: (B, H, W) uint8 label maps (0 = background, k + 1 = object k; ``scene_batch``).
+        objects: (B,) long, the object k of each scene.
+    Returns:
+        (B, 1, size, size) float32 in {0, 1}.
+    """
+    hit = (labels.long() == (objects[:, None, None] + 1)).float()[:, None]
+    return (F.interpolate(hit, size=(size, size), mode="area") > 0.5).float()
 
 
 def segment_shares(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -920,6 +980,11 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         cond = torch.cat([text(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
         empty = text(empty_ids).last_hidden_state
     compound = compound_conditioning(tokenizer, text, ids) if args.compound_prob > 0 else None
+    singles = single_index = None
+    if args.single_prob > 0:
+        if labels is None:
+            raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
+        singles, single_index = single_object_conditioning(tokenizer, text, ids)
     eot_recorder = None
     if (
         args.eot_weight > 0
@@ -948,6 +1013,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     latents, cond, empty = latents.to(device), cond.to(device), empty.to(device)
     if compound is not None:
         compound = compound.to(device)
+    if singles is not None:
+        singles = singles.to(device)
     n = latents.shape[0]
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     diag_seeds = list(range(100, 100 + args.diag_scenes))
@@ -1008,6 +1075,18 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             pick = (torch.rand(args.unet_batch, generator=g) < args.compound_prob).to(device)
             c = torch.where(pick[:, None, None], compound[idx.to(device)].float(), c)
         c = torch.where(drop[:, None, None], empty.expand_as(c), c)
+        single = None
+        if (
+            singles is not None
+        ):  # the single-concept learning form, its loss masked to that object (own draws)
+            count = (single_index[idx] >= 0).sum(1)
+            k = (torch.rand(args.unet_batch, generator=g) * count).long().clamp(max=single_index.shape[1] - 1)
+            lab = torch.where(flip.cpu()[:, None, None], labels[idx].flip(-1), labels[idx])
+            object_mask = object_latent_masks(lab, k).to(device)
+            single = (torch.rand(args.unet_batch, generator=g) < args.single_prob) & ~drop.cpu()
+            single = (single & (object_mask.cpu().sum((1, 2, 3)) > 0)).to(device)
+            rows = single_index[idx, k].clamp(min=0).to(device)
+            c = torch.where(single[:, None, None], singles[rows].float(), c)
         t_cpu = torch.randint(0, 1000, (args.unet_batch,), generator=g)
         t = t_cpu.to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
@@ -1018,11 +1097,18 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-        mse = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+        err = (pred - eps) ** 2
+        mse = err.mean(dim=(1, 2, 3))
+        if single is not None:  # mean over the object's latent cells: the scale of a whole-image sample
+            inside = (err * object_mask).sum(dim=(1, 2, 3)) / (
+                object_mask.sum(dim=(1, 2, 3)) * err.shape[1]
+            ).clamp(min=1)
+            mse = torch.where(single, inside, mse)
         if levels is None:
             loss = mse.mean()
         else:
-            levels.update(t_cpu, mse)
+            whole = ~single.cpu() if single is not None else torch.ones(args.unet_batch, dtype=torch.bool)
+            levels.update(t_cpu[whole], mse[whole.to(device)])  # the per-level statistics of whole images
             loss = (levels.weights(t_cpu).to(device) * mse).mean()
         if eot_recorder is not None:
             # clean latents, t = 0, the empty prompt: the localization pass (its own draws, after the above)
@@ -1277,6 +1363,14 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.8,
         help="share of each cell's self-attention wanted on its own object (or on the background)",
+    )
+    p.add_argument(
+        "--single-prob",
+        type=float,
+        default=0.0,
+        help='share of captions given as the method\'s single-concept learning prompt "a photo of <x_k>" for '
+        "one object k of the scene, with the loss masked to that object's latent cells "
+        "(single_object_conditioning; needs a pool with labels)",
     )
     p.add_argument(
         "--compound-prob",

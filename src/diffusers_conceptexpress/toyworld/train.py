@@ -1076,15 +1076,15 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             c = torch.where(pick[:, None, None], compound[idx.to(device)].float(), c)
         c = torch.where(drop[:, None, None], empty.expand_as(c), c)
         single = None
-        if (
-            singles is not None
-        ):  # the single-concept learning form, its loss masked to that object (own draws)
+        if singles is not None:
+            # the single-concept learning form: one object's slot, its loss masked to that object (own draws)
             count = (single_index[idx] >= 0).sum(1)
             k = (torch.rand(args.unet_batch, generator=g) * count).long().clamp(max=single_index.shape[1] - 1)
             lab = torch.where(flip.cpu()[:, None, None], labels[idx].flip(-1), labels[idx])
-            object_mask = object_latent_masks(lab, k).to(device)
+            object_mask = object_latent_masks(lab, k)
             single = (torch.rand(args.unet_batch, generator=g) < args.single_prob) & ~drop.cpu()
-            single = (single & (object_mask.cpu().sum((1, 2, 3)) > 0)).to(device)
+            single = (single & (object_mask.sum((1, 2, 3)) > 0)).to(device)
+            object_mask = object_mask.to(device)
             rows = single_index[idx, k].clamp(min=0).to(device)
             c = torch.where(single[:, None, None], singles[rows].float(), c)
         t_cpu = torch.randint(0, 1000, (args.unet_batch,), generator=g)
@@ -1100,9 +1100,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         err = (pred - eps) ** 2
         mse = err.mean(dim=(1, 2, 3))
         if single is not None:  # mean over the object's latent cells: the scale of a whole-image sample
-            inside = (err * object_mask).sum(dim=(1, 2, 3)) / (
-                object_mask.sum(dim=(1, 2, 3)) * err.shape[1]
-            ).clamp(min=1)
+            cells = object_mask.sum(dim=(1, 2, 3)).clamp(min=1) * err.shape[1]
+            inside = (err * object_mask).sum(dim=(1, 2, 3)) / cells
             mse = torch.where(single, inside, mse)
         if levels is None:
             loss = mse.mean()

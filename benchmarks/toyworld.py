@@ -56,7 +56,7 @@ from diffusers_conceptexpress.evaluation import (
 )
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import WORLD_VERSION, classify, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, TEXTURES
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
@@ -294,14 +294,21 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
             shape = [r["shape"] == truth.get("shape") for r in reads]
             color = [r["color"] == truth.get("color") for r in reads]
             per_concept.append({
-                "seed": seed, "concept": k, "target": target, "images": len(reads),
-                "both": sum(s and c for s, c in zip(shape, color, strict=True)), "shape": sum(shape),
-                "color": sum(color),
+                "seed": seed, "concept": k, "target": target, "texture": truth.get("texture"),
+                "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
+                "shape": sum(shape), "color": sum(color),
             })  # fmt: skip
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
     metrics = evaluate_concepts(sets, encoder)
     total = max(sum(r["images"] for r in per_concept), 1)
+    by_texture = {}  # generations right per texture of the target object (striped objects are the hard ones)
+    for texture in TEXTURES:
+        rows = [r for r in per_concept if r["texture"] == texture]
+        by_texture[texture] = {
+            "correct": sum(r["both"] for r in rows),
+            "generations": sum(r["images"] for r in rows),
+        }
     return {
         "sim_i": metrics.sim_i,
         "sim_c": metrics.sim_c,
@@ -311,6 +318,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "generation_shape": sum(r["shape"] for r in per_concept) / total,
         "generation_color": sum(r["color"] for r in per_concept) / total,
         "generations": sum(r["images"] for r in per_concept),
+        "by_texture": by_texture,
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),
@@ -328,6 +336,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         + ["| " + " | ".join(r) + " |" for r in rows]
         + [""]
     )
+
+
+def _by_texture(r: dict) -> str:
+    """ "75% (68) / 12% (40)": generations right for plain and for striped target objects."""
+    parts = []
+    for texture in TEXTURES:
+        t = r.get("by_texture", {}).get(texture)
+        parts.append(
+            f"{t['correct'] / t['generations']:.0%} ({t['generations']})" if t and t["generations"] else "-"
+        )
+    return " / ".join(parts)
 
 
 def markdown(summary: dict, header: dict) -> str:
@@ -348,12 +367,13 @@ def markdown(summary: dict, header: dict) -> str:
     )  # fmt: skip
     ext = summary.get("extraction") or {}
     lines += _table(
-        ["extraction", "SIM^I", "SIM^C", "ACC^1", "ACC^3", "generations correct", "shape / colour right", "s / image",
-         "UNet samples / image", "scenes"],
+        ["extraction", "SIM^I", "SIM^C", "ACC^1", "ACC^3", "generations correct", "shape / colour right",
+         "plain / striped objects", "s / image", "UNet samples / image", "scenes"],
         [
             [name, f"{r['sim_i']:.3f}", "-" if r["sim_c"] is None else f"{r['sim_c']:.3f}", f"{r['acc1']:.3f}",
              f"{r['acc3']:.3f}", f"{r['generation_correct']:.0%} ({r['generations']})",
              f"{r.get('generation_shape', float('nan')):.0%} / {r.get('generation_color', float('nan')):.0%}",
+             _by_texture(r),
              f"{r['seconds']:.0f}",
              f"{r['unet_samples']:.0f}", str(r["scenes"])]
             for name, r in ext.items()

@@ -1,7 +1,7 @@
 """Why do learned toy tokens carry the colour of their object but not its shape? A probe.
 
     python benchmarks/toyworld_inversion_probe.py [--scenes 6] [--variants gt,full,dilate8] [--shard K/N]
-        [--option schedule=faithful --tag @faithful]
+        [--option schedule=faithful --tag @faithful] [--texture striped] [--stripe-shade 0.8]
 
 Learns ONE concept from single-object toy scenes (seeds 30,000 + i, one object) with
 ``extract_concepts(masks=[...])`` and the published learning defaults (``schedule="fast"``), under
@@ -33,7 +33,7 @@ from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.evaluation import generate_samples, read_samples
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE
 from diffusers_conceptexpress.visualize import image_grid
 from toyworld import model_fingerprint  # benchmarks/toyworld.py: weights + world version
 
@@ -64,6 +64,16 @@ def score(images, obj: dict) -> dict:
     }
 
 
+def probe_seeds(start: int, count: int, texture: str = "any") -> list[int]:
+    """The first ``count`` seeds from ``start`` whose single object has ``texture`` ("any": every seed)."""
+    seeds, seed = [], start
+    while len(seeds) < count:
+        if texture == "any" or render_scene(seed, num_objects=1).objects[0]["texture"] == texture:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
 def parse_options(items: list[str]) -> dict:
     """``key=value`` pairs for ``extract_concepts`` (values read as JSON when they parse, else strings)."""
     options = {}
@@ -82,7 +92,7 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
     row_path = folder / "row.json"
     if row_path.is_file():
         return json.loads(row_path.read_text())
-    scene = render_scene(seed, num_objects=1, rim=args.rim)
+    scene = render_scene(seed, num_objects=1, rim=args.rim, stripe_shade=args.stripe_shade)
     obj = scene.objects[0]
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -143,6 +153,11 @@ def main() -> None:
         default=RIM_WIDTH,
         help="render_scene's rim (0: the second world, no rims)",
     )
+    p.add_argument("--stripe-shade", type=float, default=STRIPE_SHADE, help="render_scene's stripe_shade")
+    p.add_argument(
+        "--texture", choices=("any", "plain", "striped"), default="any",
+        help="only scenes whose object has this texture (the first --scenes such seeds from --start)",
+    )  # fmt: skip
     p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/inversion_probe/<model fingerprint>"
     )
@@ -161,9 +176,10 @@ def main() -> None:
     variants = args.variants.split(",")
     named = [v if v == "word" else v + args.tag for v in variants]
     k, n = (int(v) for v in args.shard.split("/"))
-    seeds = [args.start + i for i in range(args.scenes)]
+    seeds = probe_seeds(args.start, args.scenes, args.texture)
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
     world = f"-rim{args.rim}" if args.rim != RIM_WIDTH else ""  # scenes of another world: another folder
+    world += f"-stripes{args.stripe_shade:g}" if args.stripe_shade != STRIPE_SHADE else ""
     args.work = args.work or Path(".benchmark-runs/inversion_probe") / (
         model_fingerprint(args.model or model_path()) + world
     )
@@ -201,7 +217,9 @@ def main() -> None:
         for seed in seeds:
             if not all((args.work / v / str(seed) / "row.json").is_file() for v in named):
                 continue
-            tiles.append(render_scene(seed, num_objects=1, rim=args.rim).image)
+            tiles.append(
+                render_scene(seed, num_objects=1, rim=args.rim, stripe_shade=args.stripe_shade).image
+            )
             for variant in named:
                 tiles += read_samples(args.work / variant / str(seed), "concept_1", min(args.samples, 4))
         cols = 1 + len(variants) * min(args.samples, 4)

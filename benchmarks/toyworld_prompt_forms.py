@@ -6,7 +6,8 @@ ConceptExpress learns one token per concept and prompts "a photo of <c_0>" and "
 the toy model was trained on captions with two or three words per object ("a photo of a red circle").
 Two measurements:
 
-1. **Text-to-image per prompt form**, every shape x colour pair, ``--samples`` each (DDIM 25, CFG 5), read by
+1. **Text-to-image per prompt form**, every shape x colour pair, ``--samples`` each (DDIM 25, CFG 5 unless
+   ``--inference-steps`` / ``--guidance`` say otherwise), read by
    ``toyworld.classify``: the training form "a photo of a red circle"; without the article
    "a photo of red circle"; and the learning form "a photo of <x>" where ``<x>`` is ONE new token whose
    embedding is the sum of the word embeddings of "red" and "circle", loaded with diffusers'
@@ -45,21 +46,27 @@ def slot_embedding(pipe, words: list[str]) -> torch.Tensor:
     return table[ids].sum(0).detach().clone()
 
 
-def load_slots(pipe) -> dict[tuple[str, str], str]:
-    """One textual-inversion token per (colour, shape): ``<slot-red-circle>`` = red + circle."""
+def load_slots(pipe, striped: bool = False) -> dict[tuple[str, str], str]:
+    """One textual-inversion token per (colour, shape): ``<slot-red-circle>`` = red + circle (+ striped)."""
     names, vectors = [], []
     for color, shape in itertools.product(COLORS, SHAPES):
         names.append(f"<slot-{color}-{shape}>")
-        vectors.append(slot_embedding(pipe, [color, shape]))
+        vectors.append(slot_embedding(pipe, [color, "striped", shape] if striped else [color, shape]))
     pipe.load_textual_inversion(vectors, token=names)
     return {(c, s): f"<slot-{c}-{s}>" for c, s in itertools.product(COLORS, SHAPES)}
 
 
-def text_to_image(pipe, slots, samples: int, seed: int) -> dict:
+def text_to_image(
+    pipe, slots, samples: int, seed: int, steps: int = 25, guidance: float = 5.0, striped: bool = False
+) -> dict:
+    """Shape / colour / both right per prompt form; with ``striped``, every object of the forms is striped
+    ("a photo of a red striped circle", the slot red + striped + circle): texture is not scored."""
+    st = "striped " if striped else ""
+    plus = "+striped" if striped else ""
     forms = {
-        "a photo of a red circle": lambda c, s: f"a photo of a {c} {s}",
-        "a photo of red circle": lambda c, s: f"a photo of {c} {s}",
-        "a photo of <red+circle>": lambda c, s: f"a photo of {slots[(c, s)]}",
+        f"a photo of a red {st}circle": lambda c, s: f"a photo of a {c} {st}{s}",
+        f"a photo of red {st}circle": lambda c, s: f"a photo of {c} {st}{s}",
+        f"a photo of <red{plus}+circle>": lambda c, s: f"a photo of {slots[(c, s)]}",
     }
     out = {}
     for form, make in forms.items():
@@ -68,8 +75,8 @@ def text_to_image(pipe, slots, samples: int, seed: int) -> dict:
             images = pipe(
                 make(color, shape),
                 num_images_per_prompt=samples,
-                num_inference_steps=25,
-                guidance_scale=5.0,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 generator=[torch.Generator().manual_seed(seed + i) for i in range(samples)],
             ).images
             for found in classify(images):
@@ -131,6 +138,14 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=12)
     p.add_argument("--start", type=int, default=30_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps of the text-to-image part")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the text-to-image part")
+    p.add_argument(
+        "--striped",
+        action="store_true",
+        help="text-to-image of striped objects (slot = colour + striped + shape)",
+    )
+    p.add_argument("--no-signal", action="store_true", help="skip the masked-loss measurement (part 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_prompt_forms.json"))
     args = p.parse_args()
@@ -139,21 +154,28 @@ def main() -> None:
         args.model or model_path(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    slots = load_slots(pipe)
-    t2i = text_to_image(pipe, slots, args.samples, args.seed)
-    signal = masked_loss_signal(pipe, slots, args.scenes, args.start)
+    slots = load_slots(pipe, args.striped)
+    t2i = text_to_image(
+        pipe, slots, args.samples, args.seed, args.inference_steps, args.guidance, args.striped
+    )
+    # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not
+    signal = (
+        None if args.no_signal or args.striped else masked_loss_signal(pipe, slots, args.scenes, args.start)
+    )
     print("| prompt form | shape | colour | both |\n|---|---|---|---|")
     for form, r in t2i.items():
         print(f"| {form} | {r['shape']:.0%} | {r['color']:.0%} | {r['both']:.0%} |")
+    with atomic_file(args.out, "w") as handle:
+        json.dump({"model": args.model or "shipped", "args": vars(args) | {"out": str(args.out)},
+                   "text_to_image": t2i, "masked_mse": signal}, handle, indent=1)  # fmt: skip
+    if signal is None:
+        return
     print("\n| masked MSE x 1e3 | " + " | ".join(f"t {lo}-{hi}" for lo, hi in BINS) + " |")
     print("|---" * (len(BINS) + 1) + "|")
     for k, v in signal.items():
         print(f"| {k} | " + " | ".join(f"{1e3 * x:.3f}" for x in v) + " |")
     gain = [e - s for e, s in zip(signal["empty"], signal["one slot"], strict=True)]
     print("| empty - one slot | " + " | ".join(f"{1e3 * x:+.3f}" for x in gain) + " |")
-    with atomic_file(args.out, "w") as handle:
-        json.dump({"model": args.model or "shipped", "args": vars(args) | {"out": str(args.out)},
-                   "text_to_image": t2i, "masked_mse": signal}, handle, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

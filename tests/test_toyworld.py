@@ -351,6 +351,26 @@ def test_object_sizes_follow_the_world_and_the_first_world_stays_reproducible():
     # the second world (no rims), likewise
     second = render_scene(20_001, num_objects=3, rim=0)
     assert hashlib.sha256(np.asarray(second.image).tobytes()).hexdigest()[:16] == "14f4441d37f9d07f"
+    # the third world (rims, stripes at 55% of the colour): two striped objects and a plain one
+    third = render_scene(20_005, num_objects=3, stripe_shade=0.55)
+    assert hashlib.sha256(np.asarray(third.image).tobytes()).hexdigest()[:16] == "67796a1a677dd9da"
+
+
+def test_stripe_shade_changes_only_the_dark_bands_of_striped_objects():
+    dark, light = (
+        render_scene(20_005, num_objects=3, stripe_shade=0.55),
+        render_scene(20_005, num_objects=3, stripe_shade=0.8),
+    )
+    assert dark.objects == light.objects and [o["texture"] for o in dark.objects] == [
+        "striped",
+        "striped",
+        "plain",
+    ]
+    a, b = np.asarray(dark.image).astype(int), np.asarray(light.image).astype(int)
+    changed = (a != b).any(-1)
+    striped = dark.masks[0] | dark.masks[1]
+    assert changed.sum() > 100 and not changed[~striped].any()  # background and the plain object untouched
+    assert (b[changed].sum(-1) > a[changed].sum(-1)).all()  # the bands got lighter
 
 
 # ------------------------------------------------------------------ trainer: the fifth model's additions

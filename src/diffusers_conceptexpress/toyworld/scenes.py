@@ -57,6 +57,7 @@ MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
 CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
 RIM_WIDTH = 2  # pixels at 64 px: the rim world's dark outline inside every object (``render_scene(rim=...)``)
 RIM_SHADE = 0.35  # the rim's colour is this share of the object's colour
+STRIPE_SHADE = 0.55  # a striped object's dark bands are this share of its colour
 
 
 @dataclass
@@ -213,6 +214,7 @@ def render_scene(
     size: int = IMAGE_SIZE,
     radius_range: tuple[float, float] | None = None,
     rim: int = RIM_WIDTH,
+    stripe_shade: float = STRIPE_SHADE,
 ) -> Scene:
     """Render scene number ``seed`` (deterministic) with ``num_objects`` objects (default: 1-3 at random).
 
@@ -280,7 +282,7 @@ def render_scene(
             a = math.radians(obj["angle"] + 45.0)
             period = 5.0 * scale
             band = np.floor((xx * math.cos(a) + yy * math.sin(a)) / period) % 2
-            color_map = np.where(band[..., None] > 0, rgb[None, None] * 0.55, rgb[None, None])
+            color_map = np.where(band[..., None] > 0, rgb[None, None] * stripe_shade, rgb[None, None])
         else:
             color_map = np.broadcast_to(rgb, (size, size, 3))
         if rim > 0:

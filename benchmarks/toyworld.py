@@ -56,7 +56,7 @@ from diffusers_conceptexpress.evaluation import (
 )
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import WORLD_VERSION, classify, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, TEXTURES
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE, TEXTURES
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
@@ -64,14 +64,22 @@ VARIANTS = ("fast, our masks", "fast, GT masks", "faithful, our masks", "faithfu
 START, END = "<!-- toyworld-benchmark:start -->", "<!-- toyworld-benchmark:end -->"
 
 
-def model_fingerprint(model: str) -> str:
+#: ``world_options``' values that render the shipped world's scenes
+WORLD_DEFAULTS = {"rim": RIM_WIDTH, "radius_range": None, "stripe_shade": STRIPE_SHADE}
+
+
+def model_fingerprint(model: str, world: dict | None = None) -> str:
     """First 12 hex digits of the SHA-256 of the weights of a local diffusers folder and the world's version.
 
-    Results of other weights, or of scenes rendered by another version of ``render_scene``, never mix.
+    Results of other weights, or of scenes rendered by another version of ``render_scene`` or with other
+    ``world`` options than its defaults (``world_options``), never mix.
     """
     import hashlib
 
     digest = hashlib.sha256(f"world {WORLD_VERSION}".encode())
+    for key, value in sorted((world or {}).items()):
+        if value != WORLD_DEFAULTS.get(key):
+            digest.update(f" {key} {value}".encode())
     for part in ("unet", "text_encoder", "vae"):
         for f in sorted((Path(model) / part).glob("*.safetensors")):
             digest.update(f.read_bytes())
@@ -95,9 +103,16 @@ def code_version() -> str | None:
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--rim`` and ``--radius-range``: the toy-world options of the benchmark scripts that render scenes."""
+    """``--rim``, ``--stripe-shade`` and ``--radius-range``: the toy-world options of the benchmark scripts that
+    render scenes."""
     parser.add_argument(
         "--rim", type=int, default=RIM_WIDTH, help="render_scene's rim (0: the second world, no rims)"
+    )
+    parser.add_argument(
+        "--stripe-shade",
+        type=float,
+        default=STRIPE_SHADE,
+        help="render_scene's stripe_shade (dark bands' share)",
     )
     parser.add_argument(
         "--radius-range",
@@ -110,7 +125,11 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
 
 def world_options(args: argparse.Namespace) -> dict:
     """``render_scene``'s keyword arguments from ``add_world_arguments``' options (also written to the JSON)."""
-    return {"radius_range": tuple(args.radius_range) if args.radius_range else None, "rim": args.rim}
+    return {
+        "radius_range": tuple(args.radius_range) if args.radius_range else None,
+        "rim": args.rim,
+        "stripe_shade": args.stripe_shade,
+    }
 
 
 def scenes(n: int, start: int) -> list[tuple[int, int]]:
@@ -128,8 +147,10 @@ def localizer_options(name: str, num_objects: int) -> dict:
     return {"method": name}
 
 
-def localize_scene(pipe, seed: int, num_objects: int, name: str) -> tuple[list[np.ndarray], float]:
-    scene = render_scene(seed, num_objects=num_objects)
+def localize_scene(
+    pipe, seed: int, num_objects: int, name: str, world=None
+) -> tuple[list[np.ndarray], float]:
+    scene = render_scene(seed, num_objects=num_objects, **(world or {}))
     t0 = time.perf_counter()
     res = pipe.localize_concepts(
         scene.image, generator=torch.Generator().manual_seed(0), **localizer_options(name, num_objects)
@@ -138,17 +159,17 @@ def localize_scene(pipe, seed: int, num_objects: int, name: str) -> tuple[list[n
 
 
 # ----------------------------------------------------------------------------- 1. localization
-def run_localization(pipe, items, work: Path) -> dict:
+def run_localization(pipe, items, work: Path, world=None) -> dict:
     rows = {name: [] for name in LOCALIZERS}
     for i, (seed, n) in enumerate(items):
         path = work / "localization" / f"{seed}.json"
         if path.is_file():
             cached = json.loads(path.read_text())
         else:
-            scene = render_scene(seed, num_objects=n)
+            scene = render_scene(seed, num_objects=n, **(world or {}))
             cached = {}
             for name in LOCALIZERS:
-                masks, seconds = localize_scene(pipe, seed, n, name)
+                masks, seconds = localize_scene(pipe, seed, n, name, world)
                 m = mask_metrics(scene.masks, masks)
                 cached[name] = {**m.to_dict(), "count": len(masks), "objects": n, "seconds": seconds}
             _write_json(path, cached)
@@ -169,16 +190,16 @@ def run_localization(pipe, items, work: Path) -> dict:
     return summary
 
 
-def localizer_pictures(pipe, items, out: Path) -> None:
+def localizer_pictures(pipe, items, out: Path, world=None) -> None:
     """Source, K-means (K = objects), FINCH, ours and the ground truth, one row per scene, enlarged x4."""
     tiles, captions = [], []
     shown = ("kmeans (K = objects)", "finch", "conceptexpress")
     for seed, n in items:
-        scene = render_scene(seed, num_objects=n)
+        scene = render_scene(seed, num_objects=n, **(world or {}))
         tiles.append(scene.image)
         captions.append(f"scene {seed}")
         for name in shown:
-            masks, _ = localize_scene(pipe, seed, n, name)
+            masks, _ = localize_scene(pipe, seed, n, name, world)
             pil = [PIL.Image.fromarray(m.astype(np.uint8) * 255) for m in masks]
             tiles.append(overlay_masks(scene.image, pil))
             captions.append({"kmeans (K = objects)": "K-means (true K)", "finch": "FINCH"}.get(name, "ours"))
@@ -233,7 +254,7 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
             _generate(pipe, concept_token_names("<ce>", emb.shape[0]), emb, samples, args)
             (samples / "done").touch()
         return result
-    scene = render_scene(seed, num_objects=n)
+    scene = render_scene(seed, num_objects=n, **world_options(args))
     schedule = variant.split(",")[0]
     gt = "GT" in variant
     t0 = time.perf_counter()
@@ -282,7 +303,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
     for seed, n in items:
         result = json.loads(_result_path(records, variant, seed).read_text())
         folder = _samples_dir(work, variant, seed)
-        scene = render_scene(seed, num_objects=n)
+        scene = render_scene(seed, num_objects=n, **world_options(args))
         masks = list(np.load(_result_path(records, variant, seed).parent / "masks.npz").values())
         single = [read_samples(folder, f"concept_{k + 1}", args.samples) for k in range(len(masks))]
         joint = read_samples(folder, "joint", args.samples) if len(masks) > 1 else []
@@ -424,11 +445,13 @@ def main() -> None:
     )
     p.add_argument("--out", default="benchmarks/results/toyworld.json")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    add_world_arguments(p)
     args = p.parse_args()
+    world = world_options(args)
     code_version()  # the commit this process runs, before anything is committed meanwhile
     torch.set_num_threads(args.threads)
     model = args.model or model_path()
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fingerprint(model, world)
     work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in
     records = Path(args.records) / fingerprint
     pipe = ConceptExpressPipeline.from_pretrained(model)
@@ -440,9 +463,9 @@ def main() -> None:
     if summary.get("header", {}).get("fingerprint") != fingerprint:
         summary = {}  # parts measured on other weights must not sit in this model's table
     if "localization" in parts:
-        summary["localization"] = run_localization(pipe, items, work)
+        summary["localization"] = run_localization(pipe, items, work, world)
         if args.pictures:
-            localizer_pictures(pipe, items[: args.pictures], Path("docs/toyworld_localizers.png"))
+            localizer_pictures(pipe, items[: args.pictures], Path("docs/toyworld_localizers.png"), world)
     if "extraction" in parts:
         wanted = [v for v in VARIANTS if v.replace(", ", "_").replace(" ", "-") in args.variants.split(",")]
         ext_items = items[: args.extraction_scenes] if args.extraction_scenes else items
@@ -474,6 +497,9 @@ def main() -> None:
         "fingerprint": fingerprint,
         "scenes": args.scenes,
         "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
+        **{
+            k: v for k, v in world.items() if v != WORLD_DEFAULTS.get(k)
+        },  # the world's options, where not its own
     }
     summary["header"] = header
     _write_json(out, summary)

@@ -26,6 +26,7 @@ from diffusers_conceptexpress.evaluation import (
     masked_source,
 )
 from diffusers_conceptexpress.toyworld import render_scene
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE
 
 
 def _unit(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -241,3 +242,32 @@ def test_paired_comparison_counts_shared_objects_only():
     assert (r["right_a"], r["right_b"]) == (6, 10)
     assert (r["a_better"], r["b_better"]) == (1, 2)  # object 1 of seed 1; objects 2 of seed 1 and 0 of seed 3
     assert r["objects_rows"][0] == {"seed": 1, "object": 0, "a": 4, "b": 4}
+
+
+def test_benchmark_world_options_key_the_caches_and_textures_split_the_table(tmp_path):
+    bench = load_benchmark("toyworld")
+    model = tmp_path / "m"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "w.safetensors").write_bytes(b"weights")
+    own = {"rim": RIM_WIDTH, "radius_range": None, "stripe_shade": STRIPE_SHADE}
+    # the world's own options keep the fingerprint of the committed records; any other option changes it
+    assert bench.model_fingerprint(str(model), own) == bench.model_fingerprint(str(model))
+    assert bench.model_fingerprint(str(model), own | {"stripe_shade": 0.8}) != bench.model_fingerprint(
+        str(model)
+    )
+    assert bench.model_fingerprint(str(model), own | {"rim": 0}) != bench.model_fingerprint(str(model))
+    row = {
+        "by_texture": {
+            "plain": {"correct": 51, "generations": 68},
+            "striped": {"correct": 0, "generations": 0},
+        }
+    }
+    assert bench._by_texture(row) == "75% (68) / -"
+
+
+def test_inversion_probe_picks_scenes_by_texture():
+    probe = load_benchmark("toyworld_inversion_probe")
+    striped = probe.probe_seeds(30_000, 3, "striped")
+    assert len(striped) == 3 and striped == sorted(striped) and striped[0] >= 30_000
+    assert all(render_scene(s, num_objects=1).objects[0]["texture"] == "striped" for s in striped)
+    assert probe.probe_seeds(30_000, 3) == [30_000, 30_001, 30_002]

@@ -54,7 +54,7 @@ from torch import nn
 from ..attention import AttentionRecorder, capture_attention, nearest_factor, unet_cross_attention_factors
 from ..localization import LocalizationConfig, find_eot_index
 from . import WORDS
-from .scenes import COLORS, IMAGE_SIZE, RIM_WIDTH, SHAPES, caption_for, render_scene
+from .scenes import COLORS, IMAGE_SIZE, RIM_WIDTH, SHAPES, STRIPE_SHADE, caption_for, render_scene
 
 LATENT = IMAGE_SIZE // 2
 TEXT_DIM = 64
@@ -266,11 +266,12 @@ def save_ckpt(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def scene_batch(seeds, labels: bool = False, rim: int = RIM_WIDTH):
-    """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds`` (``rim``: see ``render_scene``);
+def scene_batch(seeds, labels: bool = False, rim: int = RIM_WIDTH, stripe_shade: float = STRIPE_SHADE):
+    """Images (B, 3, 64, 64) in [-1, 1] and captions of scenes ``seeds`` (``rim``, ``stripe_shade``: see
+    ``render_scene``);
     with ``labels``, also their object label maps (B, 64, 64) uint8: 0 = background, i + 1 = the visible
     pixels of object i."""
-    scenes = [render_scene(int(s), rim=rim) for s in seeds]
+    scenes = [render_scene(int(s), rim=rim, stripe_shade=stripe_shade) for s in seeds]
     out = to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
     if not labels:
         return out
@@ -300,7 +301,7 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     t0 = time.time()
     while step < args.vae_steps:
         seeds = SEED_OFFSET_TRAIN + rng.integers(0, 10**8, args.vae_batch)
-        x, _ = scene_batch(seeds, rim=args.rim)
+        x, _ = scene_batch(seeds, rim=args.rim, stripe_shade=args.stripe_shade)
         ox, oy = rng.integers(0, IMAGE_SIZE - 32 + 1, 2)
         x = x[:, :, oy : oy + 32, ox : ox + 32]
         lr = (
@@ -333,7 +334,11 @@ def stage_vae(args, run_dir: Path, log: Logger) -> None:
     # measure the latent std on full 64x64 scenes
     vae.eval()
     with torch.no_grad():
-        x, _ = scene_batch(range(SEED_OFFSET_TRAIN - 5000, SEED_OFFSET_TRAIN - 4744), rim=args.rim)
+        x, _ = scene_batch(
+            range(SEED_OFFSET_TRAIN - 5000, SEED_OFFSET_TRAIN - 4744),
+            rim=args.rim,
+            stripe_shade=args.stripe_shade,
+        )
         z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
     scaling = 1.0 / z.std().item()
@@ -390,7 +395,9 @@ def load_vae(run_dir: Path):
     return vae.eval().requires_grad_(False)
 
 
-def _pool_batches(run_dir: Path, starts: list[int], size: int, rim: int, threads: int) -> list[tuple]:
+def _pool_batches(
+    run_dir: Path, starts: list[int], size: int, rim: int, threads: int, stripe_shade: float = STRIPE_SHADE
+) -> list[tuple]:
     """Pool batches of 256 scenes beginning at ``starts``: (latents fp16, token ids, images uint8, labels)."""
     from transformers import CLIPTokenizer
 
@@ -400,7 +407,7 @@ def _pool_batches(run_dir: Path, starts: list[int], size: int, rim: int, threads
     out = []
     for start in starts:
         seeds = range(SEED_OFFSET_TRAIN + start, SEED_OFFSET_TRAIN + min(size, start + 256))
-        x, caps, lab = scene_batch(seeds, labels=True, rim=rim)
+        x, caps, lab = scene_batch(seeds, labels=True, rim=rim, stripe_shade=stripe_shade)
         with torch.no_grad():
             lat = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half()
         ids = tokenizer(caps, padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids
@@ -423,10 +430,13 @@ def stage_pool(args, run_dir: Path, log: Logger) -> None:
         parts = [starts[i : i + per] for i in range(0, len(starts), per)]
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(parts), mp_context=ctx) as ex:
-            jobs = [ex.submit(_pool_batches, run_dir, part, args.pool, args.rim, 1) for part in parts]
+            jobs = [
+                ex.submit(_pool_batches, run_dir, part, args.pool, args.rim, 1, args.stripe_shade)
+                for part in parts
+            ]
             batches = [batch for job in jobs for batch in job.result()]
     else:
-        batches = _pool_batches(run_dir, starts, args.pool, args.rim, args.threads)
+        batches = _pool_batches(run_dir, starts, args.pool, args.rim, args.threads, args.stripe_shade)
     lat, ids, images, labels = (list(part) for part in zip(*batches, strict=True))
     log(stage="pool", n=args.pool, s=round(time.time() - t0, 1))
     save_ckpt(
@@ -1285,6 +1295,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=RIM_WIDTH,
         help="render_scene's rim: dark object outlines this many pixels wide (0: the second world)",
+    )
+    p.add_argument(
+        "--stripe-shade",
+        type=float,
+        default=STRIPE_SHADE,
+        help="render_scene's stripe_shade: striped objects' dark bands as a share of their colour",
     )
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=32)

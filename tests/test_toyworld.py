@@ -547,3 +547,16 @@ def test_compound_conditioning_is_the_learning_prompt_with_summed_word_embedding
         )
     assert torch.allclose(states[0].float(), ref.last_hidden_state[0], atol=2e-3)
     assert not torch.allclose(states[0].float(), states[1].float(), atol=1e-2)
+
+
+def test_training_batches_render_the_asked_stripes():
+    from diffusers_conceptexpress.toyworld.scenes import STRIPE_SHADE
+    from diffusers_conceptexpress.toyworld.train import scene_batch
+
+    seeds = range(8)
+    assert any(o["texture"] == "striped" for s in seeds for o in render_scene(s).objects)
+    default, caps = scene_batch(seeds)
+    same, _ = scene_batch(seeds, stripe_shade=STRIPE_SHADE)
+    light, light_caps = scene_batch(seeds, stripe_shade=STRIPE_SHADE + 0.25)
+    assert torch.equal(default, same) and caps == light_caps
+    assert not torch.equal(default, light) and (light >= default).all()  # only the dark bands change, lighter

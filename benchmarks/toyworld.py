@@ -68,6 +68,11 @@ START, END = "<!-- toyworld-benchmark:start -->", "<!-- toyworld-benchmark:end -
 WORLD_DEFAULTS = {"rim": RIM_WIDTH, "radius_range": None, "stripe_shade": STRIPE_SHADE}
 
 
+def world_changes(world: dict | None) -> dict:
+    """The options of ``world`` (``world_options``) that differ from the shipped world's, sorted by name."""
+    return {k: v for k, v in sorted((world or {}).items()) if v != WORLD_DEFAULTS.get(k)}
+
+
 def model_fingerprint(model: str, world: dict | None = None) -> str:
     """First 12 hex digits of the SHA-256 of the weights of a local diffusers folder and the world's version.
 
@@ -77,9 +82,8 @@ def model_fingerprint(model: str, world: dict | None = None) -> str:
     import hashlib
 
     digest = hashlib.sha256(f"world {WORLD_VERSION}".encode())
-    for key, value in sorted((world or {}).items()):
-        if value != WORLD_DEFAULTS.get(key):
-            digest.update(f" {key} {value}".encode())
+    for key, value in world_changes(world).items():
+        digest.update(f" {key} {value}".encode())
     for part in ("unet", "text_encoder", "vae"):
         for f in sorted((Path(model) / part).glob("*.safetensors")):
             digest.update(f.read_bytes())
@@ -497,9 +501,7 @@ def main() -> None:
         "fingerprint": fingerprint,
         "scenes": args.scenes,
         "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
-        **{
-            k: v for k, v in world.items() if v != WORLD_DEFAULTS.get(k)
-        },  # the world's options, where not its own
+        **world_changes(world),
     }
     summary["header"] = header
     _write_json(out, summary)

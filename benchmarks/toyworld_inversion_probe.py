@@ -33,9 +33,8 @@ from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.evaluation import generate_samples, read_samples
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE
 from diffusers_conceptexpress.visualize import image_grid
-from toyworld import model_fingerprint  # benchmarks/toyworld.py: weights + world version
+from toyworld import add_world_arguments, model_fingerprint, world_options  # benchmarks/toyworld.py
 
 
 def probe_mask(scene, variant: str) -> np.ndarray:
@@ -92,7 +91,7 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
     row_path = folder / "row.json"
     if row_path.is_file():
         return json.loads(row_path.read_text())
-    scene = render_scene(seed, num_objects=1, rim=args.rim, stripe_shade=args.stripe_shade)
+    scene = render_scene(seed, num_objects=1, **world_options(args))
     obj = scene.objects[0]
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -147,13 +146,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shard", default="0/1", help="K/N: this process runs scenes i with i %% N == K")
     p.add_argument("--model", default=None)
-    p.add_argument(
-        "--rim",
-        type=int,
-        default=RIM_WIDTH,
-        help="render_scene's rim (0: the second world, no rims)",
-    )
-    p.add_argument("--stripe-shade", type=float, default=STRIPE_SHADE, help="render_scene's stripe_shade")
+    add_world_arguments(p)  # --rim, --stripe-shade, --radius-range
     p.add_argument(
         "--texture", choices=("any", "plain", "striped"), default="any",
         help="only scenes whose object has this texture (the first --scenes such seeds from --start)",
@@ -178,11 +171,9 @@ def main() -> None:
     k, n = (int(v) for v in args.shard.split("/"))
     seeds = probe_seeds(args.start, args.scenes, args.texture)
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
-    world = f"-rim{args.rim}" if args.rim != RIM_WIDTH else ""  # scenes of another world: another folder
-    world += f"-stripes{args.stripe_shade:g}" if args.stripe_shade != STRIPE_SHADE else ""
-    args.work = args.work or Path(".benchmark-runs/inversion_probe") / (
-        model_fingerprint(args.model or model_path()) + world
-    )
+    # scenes of another world than the shipped one: another fingerprint, another folder
+    fingerprint = model_fingerprint(args.model or model_path(), world_options(args))
+    args.work = args.work or Path(".benchmark-runs/inversion_probe") / fingerprint
     pipe.set_progress_bar_config(disable=True)
     if not args.summarize_only:
         for i, seed in enumerate(seeds):
@@ -217,9 +208,7 @@ def main() -> None:
         for seed in seeds:
             if not all((args.work / v / str(seed) / "row.json").is_file() for v in named):
                 continue
-            tiles.append(
-                render_scene(seed, num_objects=1, rim=args.rim, stripe_shade=args.stripe_shade).image
-            )
+            tiles.append(render_scene(seed, num_objects=1, **world_options(args)).image)
             for variant in named:
                 tiles += read_samples(args.work / variant / str(seed), "concept_1", min(args.samples, 4))
         cols = 1 + len(variants) * min(args.samples, 4)

@@ -145,7 +145,6 @@ def main() -> None:
         action="store_true",
         help="text-to-image of striped objects (slot = colour + striped + shape)",
     )
-    p.add_argument("--no-signal", action="store_true", help="skip the masked-loss measurement (part 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_prompt_forms.json"))
     args = p.parse_args()
@@ -159,9 +158,7 @@ def main() -> None:
         pipe, slots, args.samples, args.seed, args.inference_steps, args.guidance, args.striped
     )
     # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not
-    signal = (
-        None if args.no_signal or args.striped else masked_loss_signal(pipe, slots, args.scenes, args.start)
-    )
+    signal = None if args.striped else masked_loss_signal(pipe, slots, args.scenes, args.start)
     print("| prompt form | shape | colour | both |\n|---|---|---|---|")
     for form, r in t2i.items():
         print(f"| {form} | {r['shape']:.0%} | {r['color']:.0%} | {r['both']:.0%} |")

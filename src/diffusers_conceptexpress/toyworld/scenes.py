@@ -229,6 +229,10 @@ def render_scene(
     visible mask (also where an occluder cuts it). The default ``RIM_WIDTH`` is the third world, the shipped
     model's (docs/toyworld.md, "The rim world"). It adds no random draw: ``rim=0`` renders the same scene
     without rims, the second world, pixel for pixel.
+
+    ``stripe_shade`` is the colour of a striped object's dark bands as a share of its colour (default
+    ``STRIPE_SHADE``, 0.55, the shipped world's); like ``rim`` it adds no random draw, so other values change only
+    those bands (0.8: the lighter stripes of the tenth-run trial, docs/toyworld.md).
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")

@@ -56,6 +56,7 @@ from diffusers_conceptexpress.evaluation import (
 )
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import WORLD_VERSION, classify, model_path, render_scene
+from diffusers_conceptexpress.toyworld.classify import classifier_path
 from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE, TEXTURES
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
@@ -88,6 +89,17 @@ def model_fingerprint(model: str, world: dict | None = None) -> str:
         for f in sorted((Path(model) / part).glob("*.safetensors")):
             digest.update(f.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def classifier_fingerprint() -> str:
+    """First 12 hex digits of the SHA-256 of the shipped toy classifier's weights.
+
+    The classifier is the benchmark's instrument: ``classify`` reads the generations' shape and colour, and its
+    features are the toy encoder of SIM and ACC. Tables read by different classifiers do not compare.
+    """
+    import hashlib
+
+    return hashlib.sha256((classifier_path() / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
 @functools.cache
@@ -378,6 +390,7 @@ def markdown(summary: dict, header: dict) -> str:
     lines = [
         f"Command: `{header['command']}`  ",
         f"Date: {header['date']}; machine: {header['machine']}; model: {header['model']}; "
+        f"classifier (generations' shape and colour, toy encoder): {header.get('classifier', 'first')}; "
         f"scenes: {header['scenes']} (seeds {header['seeds']}).",
         "",
     ]
@@ -499,6 +512,7 @@ def main() -> None:
         f"{args.threads} thread(s)",
         "model": "shipped toy model" if args.model is None else args.model,
         "fingerprint": fingerprint,
+        "classifier": classifier_fingerprint(),
         "scenes": args.scenes,
         "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
         **world_changes(world),

@@ -19,7 +19,8 @@ from diffusers_conceptexpress.toyworld import (
     model_path,
     render_scene,
 )
-from diffusers_conceptexpress.toyworld.scenes import shape_mask
+from diffusers_conceptexpress.toyworld.classify import classifier_path, train_classifier
+from diffusers_conceptexpress.toyworld.scenes import STRIPE_SHADE, shape_mask
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -109,17 +110,28 @@ def test_tokenizer_maps_every_toy_word_to_one_id():
 
 
 # --------------------------------------------------------------------------- classifier
-def test_classify_accuracy_on_fresh_renders():
-    scenes = [render_scene(s, num_objects=1) for s in range(7_000_000, 7_000_400)]
+@pytest.mark.parametrize("stripe_shade", [STRIPE_SHADE, 0.8])
+def test_classify_accuracy_on_fresh_renders(stripe_shade):
+    # the third world's stripes (0.55) and the lighter ones (0.8): one classifier reads both
+    scenes = [render_scene(s, num_objects=1, stripe_shade=stripe_shade) for s in range(7_000_000, 7_000_400)]
     preds = classify([s.image for s in scenes])
+    truth = [s.objects[0] for s in scenes]
     both = np.mean(
-        [
-            p["shape"] == s.objects[0]["shape"] and p["color"] == s.objects[0]["color"]
-            for p, s in zip(preds, scenes, strict=True)
-        ]
+        [p["shape"] == t["shape"] and p["color"] == t["color"] for p, t in zip(preds, truth, strict=True)]
     )
+    texture = np.mean([p["texture"] == t["texture"] for p, t in zip(preds, truth, strict=True)])
+    assert {t["texture"] for t in truth} == {"plain", "striped"}
     assert both >= 0.98, both
+    assert texture >= 0.97, texture  # measured: 0.995 (0.55) and 0.9825 (0.8)
+    assert classify([s.image for s in scenes[:8]], classifier_path()) == preds[:8]  # the same folder, given
     assert classify([]) == []
+
+
+def test_classifier_training_rejects_bad_shades():
+    with pytest.raises(ValueError, match="stripe_shades"):
+        train_classifier(steps=1, stripe_shades=())
+    with pytest.raises(ValueError, match="stripe_shades"):
+        train_classifier(steps=1, stripe_shades=(0.0,))
 
 
 # ---------------------------------------------------------------------- shipped model

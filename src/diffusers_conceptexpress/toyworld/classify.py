@@ -2,9 +2,12 @@
 
 The classifier (about 60k parameters, fp16 safetensors under ``model/classifier/``) is trained on fresh
 single-object renders with blur, noise and colour-jitter augmentation so that it also reads the (softer)
-pictures the toy diffusion model generates. Reproduce it with::
+pictures the toy diffusion model generates. Striped objects are rendered with their dark bands at one of
+``stripe_shades`` (shares of the colour; each training render draws one), so one classifier reads the worlds
+that differ only in those bands (0.55, the third world's, and 0.8, the lighter stripes of docs/toyworld.md).
+Reproduce it with::
 
-    python -m diffusers_conceptexpress.toyworld.classify --train --steps 2500 --threads 1
+    python -m diffusers_conceptexpress.toyworld.classify --train --steps 1500 --threads 1 --stripe-shades 0.55,0.8
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .scenes import COLORS, IMAGE_SIZE, SHAPES, TEXTURES, render_scene
+from .scenes import COLORS, IMAGE_SIZE, SHAPES, STRIPE_SHADE, TEXTURES, render_scene
 
 __all__ = ["ToyClassifier", "classifier_path", "classify", "load_classifier", "train_classifier"]
 
@@ -65,11 +68,13 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-@lru_cache(maxsize=1)
-def load_classifier() -> ToyClassifier:
+@lru_cache(maxsize=4)
+def load_classifier(path: str | Path | None = None) -> ToyClassifier:
+    """The classifier saved in ``path`` (a folder with ``config.json`` and ``model.safetensors``; default the
+    shipped one, ``classifier_path()``), in eval mode; cached per path."""
     from safetensors.torch import load_file
 
-    path = classifier_path()
+    path = Path(path) if path is not None else classifier_path()
     config = json.loads((path / "config.json").read_text())
     model = ToyClassifier(width=config["width"])
     state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
@@ -78,8 +83,10 @@ def load_classifier() -> ToyClassifier:
 
 
 @torch.no_grad()
-def classify(images: list[Image.Image]) -> list[dict]:
+def classify(images: list[Image.Image], path: str | Path | None = None) -> list[dict]:
     """Shape, colour and texture of the main (largest) object of each image.
+
+    ``path``: another classifier folder (``load_classifier``); default the shipped one.
 
     Returns:
         one dict per image: {"shape", "color", "texture", "confidence"} (confidence = product of the three
@@ -87,7 +94,7 @@ def classify(images: list[Image.Image]) -> list[dict]:
     """
     if not images:
         return []
-    model = load_classifier()
+    model = load_classifier(path)
     out = []
     for start in range(0, len(images), 256):
         logits = model(_to_tensor(list(images[start : start + 256])))
@@ -129,8 +136,11 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def _batch(seeds) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    scenes = [render_scene(int(s), num_objects=1) for s in seeds]
+def _batch(seeds, shades=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    shades = [STRIPE_SHADE] * len(seeds) if shades is None else shades
+    scenes = [
+        render_scene(int(s), num_objects=1, stripe_shade=float(h)) for s, h in zip(seeds, shades, strict=True)
+    ]
     x = _to_tensor([s.image for s in scenes])
     y = {
         "shape": torch.tensor([SHAPES.index(s.objects[0]["shape"]) for s in scenes]),
@@ -140,9 +150,23 @@ def _batch(seeds) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return x, y
 
 
-def train_classifier(steps: int = 2500, batch: int = 64, seed: int = 0, out: Path | None = None) -> dict:
-    """Train on fresh single-object renders (seeds from 2e9 upwards, never used elsewhere); save fp16."""
+def train_classifier(
+    steps: int = 2500,
+    batch: int = 64,
+    seed: int = 0,
+    out: Path | None = None,
+    stripe_shades: tuple[float, ...] = (STRIPE_SHADE,),
+) -> dict:
+    """Train on fresh single-object renders (seeds from 2e9 upwards, never used elsewhere); save fp16.
+
+    Each render's striped bands take one of ``stripe_shades`` (shares of the colour) at random. Returns the
+    held-out accuracies on 1,000 clean renders (seeds 3e9..) per shade: ``{shade: {"shape", "color",
+    "texture", "shape_and_color"}}`` (fractions in [0, 1]).
+    """
     from safetensors.torch import save_file
+
+    if not stripe_shades or not all(0.0 < h <= 1.0 for h in stripe_shades):
+        raise ValueError(f"stripe_shades must be shares of the colour in (0, 1], got {stripe_shades}")
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +177,10 @@ def train_classifier(steps: int = 2500, batch: int = 64, seed: int = 0, out: Pat
     t0 = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x, y = _batch(2_000_000_000 + rng.integers(0, 10**8, batch))
+        seeds = 2_000_000_000 + rng.integers(0, 10**8, batch)
+        # one shade draws nothing, so the single-world classifier's seeds are those it was trained with
+        shades = rng.choice(stripe_shades, batch) if len(stripe_shades) > 1 else None
+        x, y = _batch(seeds, shades)
         logits = model(_augment(x, g))
         loss = sum(F.cross_entropy(logits[k], y[k]) for k in logits)
         opt.zero_grad(set_to_none=True)
@@ -164,12 +191,17 @@ def train_classifier(steps: int = 2500, batch: int = 64, seed: int = 0, out: Pat
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1)}))
     model.eval()
     # held-out accuracy on fresh renders (seeds 3e9..), clean
-    x, y = _batch(range(3_000_000_000, 3_000_001_000))
-    with torch.no_grad():
-        logits = model(x)
-    pred = {k: v.argmax(-1) for k, v in logits.items()}
-    both = ((pred["shape"] == y["shape"]) & (pred["color"] == y["color"])).float().mean().item()
-    metrics = {k: (pred[k] == y[k]).float().mean().item() for k in pred} | {"shape_and_color": both}
+    metrics = {}
+    for shade in stripe_shades:
+        held_out = range(3_000_000_000, 3_000_001_000)
+        x, y = _batch(held_out, [shade] * len(held_out))
+        with torch.no_grad():
+            logits = model(x)
+        pred = {k: v.argmax(-1) for k, v in logits.items()}
+        both = ((pred["shape"] == y["shape"]) & (pred["color"] == y["color"])).float().mean().item()
+        metrics[str(shade)] = {k: (pred[k] == y[k]).float().mean().item() for k in pred} | {
+            "shape_and_color": both
+        }
     out = out or classifier_path()
     out.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -185,6 +217,7 @@ def train_classifier(steps: int = 2500, batch: int = 64, seed: int = 0, out: Pat
                 "steps": steps,
                 "batch": batch,
                 "seed": seed,
+                "stripe_shades": [float(h) for h in stripe_shades],
                 "train_seconds": round(time.time() - t0, 1),
                 "heldout_accuracy": metrics,
             },
@@ -203,10 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--stripe-shades",
+        default=str(STRIPE_SHADE),
+        help="comma-separated shades of the striped bands to train on (shares of the colour), e.g. 0.55,0.8",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shades = tuple(float(h) for h in args.stripe_shades.split(","))
     if args.train:
-        print(train_classifier(args.steps, args.batch, args.seed, Path(args.out) if args.out else None))
+        out = Path(args.out) if args.out else None
+        print(json.dumps(train_classifier(args.steps, args.batch, args.seed, out, stripe_shades=shades)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@
 # INIT: the model folder to start from (default: the shipped one). Session 12 started from the seventh model:
 #   git archive f2afe38^ src/diffusers_conceptexpress/toyworld/model | tar -x -C /tmp/x
 # The pool of the new world is built first (12,000 scenes, a few minutes with two workers).
+# A finished run resumes (same optimiser state, EMA and pool) when called again with a larger budget: session 13
+# continued session 12's 429 steps to 944 with
+#   INIT=<seventh model> STEPS=1200 MINUTES=83 EXTRA="--snapshot-steps 600,750,900,1050" bash scripts/train_stripes_cpu.sh
+# (MINUTES counts the whole run's UNet time, session 12's 35 minutes included).
 set -euo pipefail
 R=${1:-.toyworld-runs}
 M=${INIT:-src/diffusers_conceptexpress/toyworld/model}

@@ -265,6 +265,19 @@ def test_benchmark_world_options_key_the_caches_and_textures_split_the_table(tmp
     assert bench._by_texture(row) == "75% (68) / -"
 
 
+def test_benchmark_tables_name_the_classifier_that_read_them():
+    import hashlib
+
+    from diffusers_conceptexpress.toyworld.classify import classifier_path
+
+    bench = load_benchmark("toyworld")
+    shipped = hashlib.sha256((classifier_path() / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert bench.classifier_fingerprint() == shipped
+    header = {"command": "c", "date": "d", "machine": "m", "model": "x", "scenes": 1, "seeds": "1-1"}
+    assert f"toy encoder): {shipped};" in bench.markdown({}, header | {"classifier": shipped})
+    assert "toy encoder): first;" in bench.markdown({}, header)  # summaries from before the header named it
+
+
 def test_inversion_probe_picks_scenes_by_texture():
     probe = load_benchmark("toyworld_inversion_probe")
     striped = probe.probe_seeds(30_000, 3, "striped")

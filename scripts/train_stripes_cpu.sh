@@ -6,7 +6,7 @@
 # plain ones, and "a photo of a red striped circle" itself in 64% (docs/benchmarks.md).
 #
 # Usage: INIT=<model folder> bash scripts/train_stripes_cpu.sh [RUNS_DIR]
-#   (STEPS, MINUTES, LR, SHADE, EXTRA override the defaults; EXTRA adds trainer options, e.g.
+#   (RUN, STEPS, MINUTES, LR, SHADE, EXTRA override the defaults; EXTRA adds trainer options, e.g.
 #   "--separation-weight 0.5 --separation-margin 1.0" for the eighth run's recipe)
 # INIT: the model folder to start from (default: the shipped one). Session 12 started from the seventh model:
 #   git archive f2afe38^ src/diffusers_conceptexpress/toyworld/model | tar -x -C /tmp/x
@@ -18,7 +18,7 @@
 set -euo pipefail
 R=${1:-.toyworld-runs}
 M=${INIT:-src/diffusers_conceptexpress/toyworld/model}
-D="$R/v10"
+D="$R/${RUN:-v10}"  # RUN names another run (copy v10/pool.pt there to skip the pool)
 mkdir -p "$D"
 # shellcheck disable=SC2086
 python -m diffusers_conceptexpress.toyworld.train --run-dir "$D" --from-model $M --unet-init $M --stages pool,unet \

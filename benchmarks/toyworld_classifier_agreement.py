@@ -21,7 +21,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from diffusers_conceptexpress.atomic import atomic_file
-from diffusers_conceptexpress.toyworld import classify, render_scene
+from diffusers_conceptexpress.toyworld import classify
+from diffusers_conceptexpress.toyworld.classify import load_classifier, render_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toyworld import _write_json, classifier_fingerprint
@@ -29,25 +30,6 @@ from toyworld import _write_json, classifier_fingerprint
 
 def _read(images: list[Image.Image], path: str | None) -> list[str]:
     return [f"{r['color']} {r['shape']}" for r in classify(images, path)]
-
-
-def render_accuracy(path: str | None, shades: tuple[float, ...], count: int) -> dict:
-    """Shape-and-colour and texture accuracy on ``count`` clean single-object renders per stripe shade (the
-    classify test's seeds, 7,000,000 on)."""
-    out = {}
-    for shade in shades:
-        scenes = [
-            render_scene(s, num_objects=1, stripe_shade=shade) for s in range(7_000_000, 7_000_000 + count)
-        ]
-        reads = classify([s.image for s in scenes], path)
-        truth = [s.objects[0] for s in scenes]
-        pairs = list(zip(reads, truth, strict=True))
-        out[str(shade)] = {
-            "shape_and_color": sum(r["shape"] == t["shape"] and r["color"] == t["color"] for r, t in pairs)
-            / count,
-            "texture": sum(r["texture"] == t["texture"] for r, t in pairs) / count,
-        }
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,9 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shades", default="0.55,0.8", help="stripe shades of the clean renders")
     args = p.parse_args(argv)
     shades = tuple(float(h) for h in args.shades.split(","))
+    seeds = range(7_000_000, 7_000_000 + args.renders)  # the classify test's renders
     renders = {
-        "shipped": render_accuracy(None, shades, args.renders),
-        "other": render_accuracy(args.other, shades, args.renders),
+        name: {str(h): render_accuracy(load_classifier(path), seeds, h) for h in shades}
+        for name, path in (("shipped", None), ("other", args.other))
     }
     print(
         f"| classifier, stripe shade | shape and colour | texture |  ({args.renders} clean renders)\n|---|---|---|"

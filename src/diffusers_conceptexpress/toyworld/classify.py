@@ -27,7 +27,14 @@ from torch import nn
 
 from .scenes import COLORS, IMAGE_SIZE, SHAPES, STRIPE_SHADE, TEXTURES, render_scene
 
-__all__ = ["ToyClassifier", "classifier_path", "classify", "load_classifier", "train_classifier"]
+__all__ = [
+    "ToyClassifier",
+    "classifier_path",
+    "classify",
+    "load_classifier",
+    "render_accuracy",
+    "train_classifier",
+]
 
 
 def classifier_path() -> Path:
@@ -150,6 +157,18 @@ def _batch(seeds, shades=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return x, y
 
 
+@torch.no_grad()
+def render_accuracy(model: ToyClassifier, seeds, stripe_shade: float = STRIPE_SHADE) -> dict[str, float]:
+    """Accuracy of ``model`` on clean single-object renders of ``seeds`` with stripes at ``stripe_shade``.
+
+    Returns fractions in [0, 1]: ``{"shape", "color", "texture", "shape_and_color"}``.
+    """
+    x, y = _batch(seeds, [stripe_shade] * len(seeds))
+    pred = {k: v.argmax(-1) for k, v in model(x).items()}
+    both = ((pred["shape"] == y["shape"]) & (pred["color"] == y["color"])).float().mean().item()
+    return {k: (pred[k] == y[k]).float().mean().item() for k in pred} | {"shape_and_color": both}
+
+
 def train_classifier(
     steps: int = 2500,
     batch: int = 64,
@@ -191,17 +210,8 @@ def train_classifier(
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1)}))
     model.eval()
     # held-out accuracy on fresh renders (seeds 3e9..), clean
-    metrics = {}
-    for shade in stripe_shades:
-        held_out = range(3_000_000_000, 3_000_001_000)
-        x, y = _batch(held_out, [shade] * len(held_out))
-        with torch.no_grad():
-            logits = model(x)
-        pred = {k: v.argmax(-1) for k, v in logits.items()}
-        both = ((pred["shape"] == y["shape"]) & (pred["color"] == y["color"])).float().mean().item()
-        metrics[str(shade)] = {k: (pred[k] == y[k]).float().mean().item() for k in pred} | {
-            "shape_and_color": both
-        }
+    held_out = range(3_000_000_000, 3_000_001_000)
+    metrics = {str(shade): render_accuracy(model, held_out, shade) for shade in stripe_shades}
     out = out or classifier_path()
     out.mkdir(parents=True, exist_ok=True)
     save_file(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -252,10 +253,16 @@ def test_benchmark_world_options_key_the_caches_and_textures_split_the_table(tmp
     own = {"rim": RIM_WIDTH, "radius_range": None, "stripe_shade": STRIPE_SHADE}
     # the world's own options keep the fingerprint of the committed records; any other option changes it
     assert bench.model_fingerprint(str(model), own) == bench.model_fingerprint(str(model))
-    assert bench.model_fingerprint(str(model), own | {"stripe_shade": 0.8}) != bench.model_fingerprint(
+    assert bench.model_fingerprint(str(model), own | {"stripe_shade": 0.55}) != bench.model_fingerprint(
         str(model)
     )
     assert bench.model_fingerprint(str(model), own | {"rim": 0}) != bench.model_fingerprint(str(model))
+    # keys are taken against the third world, so records made before a default changed keep theirs: the third
+    # world's options hash as "world 3" alone, the fourth (the default since session 14) as its stripe change
+    third = own | {"stripe_shade": 0.55}
+    assert bench.model_fingerprint(str(model), third) == hashlib.sha256(b"world 3weights").hexdigest()[:12]
+    fourth = hashlib.sha256(b"world 3 stripe_shade 0.8weights").hexdigest()[:12]
+    assert STRIPE_SHADE == 0.8 and bench.model_fingerprint(str(model)) == fourth
     row = {
         "by_texture": {
             "plain": {"correct": 51, "generations": 68},

@@ -4,7 +4,7 @@ The classifier (about 60k parameters, fp16 safetensors under ``model/classifier/
 single-object renders with blur, noise and colour-jitter augmentation so that it also reads the (softer)
 pictures the toy diffusion model generates. Striped objects are rendered with their dark bands at one of
 ``stripe_shades`` (shares of the colour; each training render draws one), so one classifier reads the worlds
-that differ only in those bands (0.55, the third world's, and 0.8, the lighter stripes of docs/toyworld.md).
+that differ only in those bands (0.55, the third world's, and 0.8, the fourth world's lighter stripes, the default since session 14).
 Reproduce it with::
 
     python -m diffusers_conceptexpress.toyworld.classify --train --steps 1500 --threads 1 --stripe-shades 0.55,0.8

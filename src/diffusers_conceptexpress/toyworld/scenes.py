@@ -51,13 +51,15 @@ MIN_VISIBLE = 0.6  # an object keeps at least this share of its area visible
 # object radius in pixels at 64 px (scaled with ``size``): alone, and in scenes of several objects. The first
 # world drew several objects at (10, 15): too small for the attention grid (docs/toyworld.md, "World").
 #: bumped whenever ``render_scene``'s output for a seed changes (benchmark caches are keyed by it)
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 SINGLE_RADIUS = (12.0, 19.0)
 MULTI_RADIUS = (14.0, 19.0)  # 2-3 objects
 CROWDED_RADIUS = (10.0, 15.0)  # 4 objects (larger ones often cannot all stay 60% visible)
 RIM_WIDTH = 2  # pixels at 64 px: the rim world's dark outline inside every object (``render_scene(rim=...)``)
 RIM_SHADE = 0.35  # the rim's colour is this share of the object's colour
-STRIPE_SHADE = 0.55  # a striped object's dark bands are this share of its colour
+# a striped object's dark bands are this share of its colour: 0.8 since the fourth world (session 14). The third
+# world's 0.55 bands were close to the rim's 0.35, which then no longer outlined striped objects.
+STRIPE_SHADE = 0.8
 
 
 @dataclass
@@ -226,13 +228,13 @@ def render_scene(
 
     ``rim`` (pixels at 64 px, scaled with ``size``) draws a dark outline (``RIM_SHADE`` of the colour) along
     the inside of every object's own outline, like a sticker, so that the object's shape shows inside its
-    visible mask (also where an occluder cuts it). The default ``RIM_WIDTH`` is the third world, the shipped
-    model's (docs/toyworld.md, "The rim world"). It adds no random draw: ``rim=0`` renders the same scene
+    visible mask (also where an occluder cuts it). The default ``RIM_WIDTH`` came with the third world and is kept
+    by the fourth, the shipped model's (docs/toyworld.md, "The rim world"). It adds no random draw: ``rim=0`` renders the same scene
     without rims, the second world, pixel for pixel.
 
     ``stripe_shade`` is the colour of a striped object's dark bands as a share of its colour (default
-    ``STRIPE_SHADE``, 0.55, the shipped world's); like ``rim`` it adds no random draw, so other values change only
-    those bands (0.8: the lighter stripes of the tenth-run trial, docs/toyworld.md).
+    ``STRIPE_SHADE``, 0.8, the fourth world's, the shipped model's); like ``rim`` it adds no random draw, so other
+    values change only those bands (0.55: the third world's darker stripes, the eighth model's, docs/toyworld.md).
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")

@@ -15,11 +15,14 @@ toy model (or ``--model``):
    single-concept generations whose main object ``toyworld.classify`` reads as the ground-truth object of
    that concept (shape and colour, and each of them alone; with our masks, the object the concept's mask
    matches, an unmatched concept counts as wrong), seconds per image and UNet sample-passes per image.
+   The generations follow the method's protocol (method.md §3: DDIM 50 steps, guidance 7.5; ``--samples``
+   4 per prompt, seeds ``--seed`` + i); tables before session 15 used DDIM 25 and guidance 5.
 
 Each finished extraction is recorded under ``--records`` (default ``benchmarks/results/toyworld_extraction``,
 committed; one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its
 result, masks and learned embeddings. The generated images go to ``--work`` (default
-``.benchmark-runs/toyworld``, not in git) and are regenerated from the embeddings when missing. So an
+``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol) and are regenerated from
+the embeddings when missing. So an
 interrupted run resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over
 parallel processes and ``--summarize-only`` tabulates the scenes whose every variant is recorded. The
 summary goes to ``benchmarks/results/toyworld.json`` and, with ``--update-docs``, into docs/benchmarks.md
@@ -251,8 +254,13 @@ def _result_path(records: Path, variant: str, seed: int) -> Path:
     return records / _variant_dir(variant) / str(seed) / "result.json"
 
 
-def _samples_dir(work: Path, variant: str, seed: int) -> Path:
-    return work / "extraction" / _variant_dir(variant) / str(seed)
+def generation_key(args) -> str:
+    """The folder name of one generation protocol: images made with other settings are never mixed in."""
+    return f"ddim{args.inference_steps}-cfg{args.guidance:g}-n{args.samples}-seed{args.seed}"
+
+
+def _samples_dir(work: Path, variant: str, seed: int, args) -> Path:
+    return work / "extraction" / generation_key(args) / _variant_dir(variant) / str(seed)
 
 
 def _generate(pipe, tokens: list[str], embeddings: torch.Tensor, folder: Path, args) -> list[str]:
@@ -273,7 +281,7 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
     ``work/extraction/<variant>/<seed>/`` and are regenerated from the embeddings when missing.
     """
     result_path = _result_path(records, variant, seed)
-    samples = _samples_dir(work, variant, seed)
+    samples = _samples_dir(work, variant, seed, args)
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if not (samples / "done").is_file():
@@ -329,7 +337,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
     per_concept = []  # one row per learned concept, for paired comparisons across models and variants
     for seed, n in items:
         result = json.loads(_result_path(records, variant, seed).read_text())
-        folder = _samples_dir(work, variant, seed)
+        folder = _samples_dir(work, variant, seed, args)
         scene = render_scene(seed, num_objects=n, **world_options(args))
         masks = list(np.load(_result_path(records, variant, seed).parent / "masks.npz").values())
         single = [read_samples(folder, f"concept_{k + 1}", args.samples) for k in range(len(masks))]
@@ -402,7 +410,8 @@ def markdown(summary: dict, header: dict) -> str:
         f"Command: `{header['command']}`  ",
         f"Date: {header['date']}; machine: {header['machine']}; model: {header['model']}; "
         f"classifier (generations' shape and colour, toy encoder): {header.get('classifier', 'first')}; "
-        f"scenes: {header['scenes']} (seeds {header['seeds']}).",
+        f"scenes: {header['scenes']} (seeds {header['seeds']}); "
+        f"generations: {header.get('generation', 'ddim25-cfg5-n4-seed0')}.",
         "",
     ]
     loc = summary.get("localization") or {}
@@ -462,8 +471,8 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
     p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
-    p.add_argument("--inference-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--inference-steps", type=int, default=50, help="DDIM steps (method.md §3: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (method.md §3: 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pictures", type=int, default=6, help="scenes in docs/toyworld_localizers.png (0: none)")
@@ -502,8 +511,8 @@ def main() -> None:
         for i, (seed, n) in enumerate(ext_items):
             mine = not args.summarize_only and i % shards == shard
             for variant in wanted:
-                if not (mine or _result_path(records, variant, seed).is_file()):
-                    continue  # recorded scenes only get their images regenerated where missing
+                if not (mine or (args.summarize_only and _result_path(records, variant, seed).is_file())):
+                    continue  # --summarize-only regenerates recorded scenes' missing images, nothing else
                 r = extract_scene(pipe, seed, n, variant, args, records, work)
                 print(
                     f"[{variant}] scene {i + 1}/{len(ext_items)} (seed {seed}): {r['concepts']} concept(s), "
@@ -526,6 +535,7 @@ def main() -> None:
         "classifier": classifier_fingerprint(),
         "scenes": args.scenes,
         "seeds": f"{args.seed_start}-{args.seed_start + args.scenes - 1}",
+        "generation": generation_key(args),
         **world_changes(world),
     }
     summary["header"] = header

@@ -285,6 +285,23 @@ def test_benchmark_tables_name_the_classifier_that_read_them():
     assert "toy encoder): first;" in bench.markdown({}, header)  # summaries from before the header named it
 
 
+def test_benchmark_generations_are_cached_per_protocol_and_the_table_names_it(tmp_path):
+    import argparse
+
+    bench = load_benchmark("toyworld")
+    method = argparse.Namespace(inference_steps=50, guidance=7.5, samples=4, seed=0)
+    card = argparse.Namespace(inference_steps=25, guidance=5.0, samples=4, seed=0)
+    assert bench.generation_key(method) == "ddim50-cfg7.5-n4-seed0"
+    a = bench._samples_dir(tmp_path, "fast, GT masks", 20_000, method)
+    b = bench._samples_dir(tmp_path, "fast, GT masks", 20_000, card)
+    assert a != b and a.parent.parent.name == "ddim50-cfg7.5-n4-seed0" and a.name == "20000"
+    header = {"command": "c", "date": "d", "machine": "m", "model": "x", "scenes": 1, "seeds": "1-1"}
+    assert "generations: ddim50-cfg7.5-n4-seed0." in bench.markdown(
+        {}, header | {"generation": "ddim50-cfg7.5-n4-seed0"}
+    )
+    assert "generations: ddim25-cfg5-n4-seed0." in bench.markdown({}, header)  # summaries from before the key
+
+
 def test_inversion_probe_picks_scenes_by_texture():
     probe = load_benchmark("toyworld_inversion_probe")
     striped = probe.probe_seeds(30_000, 3, "striped")

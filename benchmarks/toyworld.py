@@ -60,7 +60,7 @@ from diffusers_conceptexpress.evaluation import (
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
 from diffusers_conceptexpress.toyworld.classify import classifier_path
-from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, STRIPE_SHADE, TEXTURES
+from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, SHAPES, STRIPE_SHADE, TEXTURES
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
@@ -332,6 +332,21 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
     return result
 
 
+def right_by(per_concept: list[dict], key: str, values) -> dict:
+    """Generations right per value of the target object's ``key`` ("texture", "object_shape").
+
+    Returns ``{value: {"correct": generations right, "generations": generations}}``; concepts whose mask
+    matched no object (``key`` None) are in no group.
+    """
+    return {
+        v: {
+            "correct": sum(r["both"] for r in per_concept if r.get(key) == v),
+            "generations": sum(r["images"] for r in per_concept if r.get(key) == v),
+        }
+        for v in values
+    }
+
+
 def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
     sets, seconds, samples = [], [], []
     per_concept = []  # one row per learned concept, for paired comparisons across models and variants
@@ -351,20 +366,13 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
             color = [r["color"] == truth.get("color") for r in reads]
             per_concept.append({
                 "seed": seed, "concept": k, "target": target, "texture": truth.get("texture"),
-                "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
+                "object_shape": truth.get("shape"), "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
                 "shape": sum(shape), "color": sum(color),
             })  # fmt: skip
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
     metrics = evaluate_concepts(sets, encoder)
     total = max(sum(r["images"] for r in per_concept), 1)
-    by_texture = {}  # generations right per texture of the target object (striped objects are the hard ones)
-    for texture in TEXTURES:
-        rows = [r for r in per_concept if r["texture"] == texture]
-        by_texture[texture] = {
-            "correct": sum(r["both"] for r in rows),
-            "generations": sum(r["images"] for r in rows),
-        }
     return {
         "sim_i": metrics.sim_i,
         "sim_c": metrics.sim_c,
@@ -374,7 +382,8 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "generation_shape": sum(r["shape"] for r in per_concept) / total,
         "generation_color": sum(r["color"] for r in per_concept) / total,
         "generations": sum(r["images"] for r in per_concept),
-        "by_texture": by_texture,
+        "by_texture": right_by(per_concept, "texture", TEXTURES),  # striped objects are the hard ones
+        "by_shape": right_by(per_concept, "object_shape", SHAPES),
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),
@@ -394,15 +403,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     )
 
 
+def _share(t: dict | None) -> str:
+    """ "75% (68)": generations right (and their number) of one group of :func:`right_by`; "-" if empty."""
+    return f"{t['correct'] / t['generations']:.0%} ({t['generations']})" if t and t["generations"] else "-"
+
+
 def _by_texture(r: dict) -> str:
     """ "75% (68) / 12% (40)": generations right for plain and for striped target objects."""
-    parts = []
-    for texture in TEXTURES:
-        t = r.get("by_texture", {}).get(texture)
-        parts.append(
-            f"{t['correct'] / t['generations']:.0%} ({t['generations']})" if t and t["generations"] else "-"
-        )
-    return " / ".join(parts)
+    return " / ".join(_share(r.get("by_texture", {}).get(texture)) for texture in TEXTURES)
 
 
 def markdown(summary: dict, header: dict) -> str:
@@ -436,6 +444,10 @@ def markdown(summary: dict, header: dict) -> str:
              f"{r['unet_samples']:.0f}", str(r["scenes"])]
             for name, r in ext.items()
         ],
+    )  # fmt: skip
+    lines += _table(
+        ["generations right per object shape", *SHAPES],
+        [[name, *(_share(r["by_shape"].get(shape)) for shape in SHAPES)] for name, r in ext.items() if "by_shape" in r],
     )  # fmt: skip
     return "\n".join(lines)
 

@@ -302,6 +302,40 @@ def test_benchmark_generations_are_cached_per_protocol_and_the_table_names_it(tm
     assert "generations: ddim25-cfg5-n4-seed0." in bench.markdown({}, header)  # summaries from before the key
 
 
+def test_benchmark_counts_generations_right_per_object_shape():
+    bench = load_benchmark("toyworld")
+    rows = [
+        {"texture": "plain", "object_shape": "heart", "images": 4, "both": 1},
+        {"texture": "striped", "object_shape": "heart", "images": 4, "both": 2},
+        {"texture": "plain", "object_shape": "circle", "images": 4, "both": 4},
+        {"texture": None, "object_shape": None, "images": 4, "both": 0},  # mask matched no object
+    ]
+    by_shape = bench.right_by(rows, "object_shape", ("circle", "heart", "star"))
+    assert by_shape == {
+        "circle": {"correct": 4, "generations": 4},
+        "heart": {"correct": 3, "generations": 8},
+        "star": {"correct": 0, "generations": 0},
+    }
+    assert bench.right_by(rows, "texture", ("plain", "striped"))["plain"] == {"correct": 5, "generations": 8}
+    summary = {
+        "extraction": {
+            "fast, GT masks": {
+                "sim_i": 0.9, "sim_c": None, "acc1": 0.5, "acc3": 1.0, "generation_correct": 7 / 12,
+                "generations": 12, "seconds": 1.0, "unet_samples": 2.0, "scenes": 1,
+                "by_shape": bench.right_by(rows, "object_shape", bench.SHAPES),
+            }
+        }
+    }  # fmt: skip
+    header = {"command": "c", "date": "d", "machine": "m", "model": "x", "scenes": 1, "seeds": "1-1"}
+    table = bench.markdown(summary, header)
+    shape_row = next(
+        line for line in table.splitlines() if line.startswith("| fast, GT masks") and "38%" in line
+    )
+    cells = dict(zip(bench.SHAPES, shape_row.strip("|").split("|")[1:], strict=True))
+    assert cells["circle"].strip() == "100% (4)" and cells["heart"].strip() == "38% (8)"
+    assert cells["star"].strip() == "-"
+
+
 def test_inversion_probe_picks_scenes_by_texture():
     probe = load_benchmark("toyworld_inversion_probe")
     striped = probe.probe_seeds(30_000, 3, "striped")

@@ -59,8 +59,9 @@ def load_slots(pipe, striped: bool = False) -> dict[tuple[str, str], str]:
 def text_to_image(
     pipe, slots, samples: int, seed: int, steps: int = 25, guidance: float = 5.0, striped: bool = False
 ) -> dict:
-    """Shape / colour / both right per prompt form; with ``striped``, every object of the forms is striped
-    ("a photo of a red striped circle", the slot red + striped + circle): texture is not scored."""
+    """Shape / colour / both right per prompt form, and "both" per shape (``by_shape``); with ``striped``,
+    every object of the forms is striped ("a photo of a red striped circle", the slot red + striped +
+    circle): texture is not scored."""
     st = "striped " if striped else ""
     plus = "+striped" if striped else ""
     forms = {
@@ -71,6 +72,7 @@ def text_to_image(
     out = {}
     for form, make in forms.items():
         hits = {"shape": [], "color": [], "both": []}
+        per_shape = {shape: [] for shape in SHAPES}
         for color, shape in itertools.product(COLORS, SHAPES):
             images = pipe(
                 make(color, shape),
@@ -83,7 +85,9 @@ def text_to_image(
                 hits["shape"].append(found["shape"] == shape)
                 hits["color"].append(found["color"] == color)
                 hits["both"].append(found["shape"] == shape and found["color"] == color)
+                per_shape[shape].append(hits["both"][-1])
         out[form] = {k: float(np.mean(v)) for k, v in hits.items()}
+        out[form]["by_shape"] = {shape: float(np.mean(v)) for shape, v in per_shape.items()}
     return out
 
 
@@ -159,9 +163,11 @@ def main() -> None:
     )
     # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not
     signal = None if args.striped else masked_loss_signal(pipe, slots, args.scenes, args.start)
-    print("| prompt form | shape | colour | both |\n|---|---|---|---|")
+    print("| prompt form | shape | colour | both | " + " | ".join(f"both: {s}" for s in SHAPES) + " |")
+    print("|---" * (4 + len(SHAPES)) + "|")
     for form, r in t2i.items():
-        print(f"| {form} | {r['shape']:.0%} | {r['color']:.0%} | {r['both']:.0%} |")
+        per_shape = " | ".join(f"{r['by_shape'][s]:.0%}" for s in SHAPES)
+        print(f"| {form} | {r['shape']:.0%} | {r['color']:.0%} | {r['both']:.0%} | {per_shape} |")
     with atomic_file(args.out, "w") as handle:
         json.dump({"model": args.model or "shipped", "args": vars(args) | {"out": str(args.out)},
                    "text_to_image": t2i, "masked_mse": signal}, handle, indent=1)  # fmt: skip

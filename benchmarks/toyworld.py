@@ -22,8 +22,7 @@ Each finished extraction is recorded under ``--records`` (default ``benchmarks/r
 committed; one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its
 result, masks and learned embeddings. The generated images go to ``--work`` (default
 ``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol) and are regenerated from
-the embeddings when missing. So an
-interrupted run resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over
+the embeddings when missing. So an interrupted run resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over
 parallel processes and ``--summarize-only`` tabulates the scenes whose every variant is recorded. The
 summary goes to ``benchmarks/results/toyworld.json`` and, with ``--update-docs``, into docs/benchmarks.md
 between the ``toyworld-benchmark`` markers.
@@ -278,7 +277,7 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
 
     The record (small: result, masks, learned embeddings) goes to ``records/<variant>/<seed>/`` and is
     committed, so an interrupted benchmark resumes in a later session; the generated PNGs go to
-    ``work/extraction/<variant>/<seed>/`` and are regenerated from the embeddings when missing.
+    ``work/extraction/<generation protocol>/<variant>/<seed>/`` and are regenerated from the embeddings when missing.
     """
     result_path = _result_path(records, variant, seed)
     samples = _samples_dir(work, variant, seed, args)

@@ -161,8 +161,11 @@ def main() -> None:
     t2i = text_to_image(
         pipe, slots, args.samples, args.seed, args.inference_steps, args.guidance, args.striped
     )
-    # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not
-    signal = None if args.striped else masked_loss_signal(pipe, slots, args.scenes, args.start)
+    # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not;
+    # --scenes 0 skips it (the text-to-image part alone)
+    signal = (
+        None if args.striped or args.scenes < 1 else masked_loss_signal(pipe, slots, args.scenes, args.start)
+    )
     print("| prompt form | shape | colour | both | " + " | ".join(f"both: {s}" for s in SHAPES) + " |")
     print("|---" * (4 + len(SHAPES)) + "|")
     for form, r in t2i.items():

@@ -149,6 +149,33 @@ def test_config_validation():
         LearningConfig(prompt_template="a photo")
     with pytest.raises(ValueError, match="mixed_precision"):
         LearningConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="timestep_range"):
+        LearningConfig(timestep_range=(500, 500))
+
+
+def test_timestep_range_bounds_the_training_timesteps(components_factory):
+    pipe = ConceptExpressPipeline(**components_factory("sd2"))
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[1] if len(args) > 1 else kwargs["timestep"]).flatten())
+
+    def timesteps(config):
+        seen.clear()
+        handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            run(pipe, config)
+        finally:
+            handle.remove()
+        return torch.cat(seen)
+
+    common = dict(num_train_steps=8, split_steps=2, sinkhorn_iters=2)
+    high = timesteps(LearningConfig(timestep_range=(900, 1000), **common))
+    assert len(high) == LearningConfig(**common).num_unet_samples(2)
+    assert ((high >= 900) & (high < 1000)).all()
+    assert LearningConfig(timestep_range=(900, 1000)).to_dict()["timestep_range"] == [900, 1000]
+    default = timesteps(LearningConfig(**common))
+    assert (default < 900).any()  # the authors' full range
 
 
 def test_mixed_precision_and_half_precision_text_encoder(components_factory):

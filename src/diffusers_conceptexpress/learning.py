@@ -73,6 +73,9 @@ class LearningConfig:
         mixed_precision: "no", "fp16" or "bf16" autocast for the frozen models (embeddings stay fp32).
         max_batch_size: "fast" only: micro-batch size (None: all prompts of a step at once).
         init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100).
+        timestep_range: ``(low, high)``: training timesteps are drawn uniformly from ``[low, high)``
+            (None: ``[0, num_train_timesteps)``, the authors'). A diagnostic knob, not a method option: it
+            shows which noise levels the learned tokens fit (docs/toyworld.md).
     """
 
     num_train_steps: int = 500
@@ -96,6 +99,7 @@ class LearningConfig:
     mixed_precision: str = "no"
     max_batch_size: int | None = None
     init_offset: int = 100
+    timestep_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -114,11 +118,20 @@ class LearningConfig:
             )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {self.max_batch_size}.")
+        if self.timestep_range is not None:
+            low, high = self.timestep_range
+            if not 0 <= low < high:
+                raise ValueError(
+                    f"timestep_range must be (low, high) with 0 <= low < high, got {self.timestep_range}."
+                )
+            self.timestep_range = (int(low), int(high))
 
     def to_dict(self) -> dict:
         """Plain-JSON view of the options."""
         d = asdict(self)
         d["adam_betas"] = list(d["adam_betas"])
+        if d["timestep_range"] is not None:
+            d["timestep_range"] = list(d["timestep_range"])
         return d
 
     def num_updates(self, num_concepts: int) -> int:
@@ -221,9 +234,8 @@ class _Trainer:
         b = len(prompts)
         lat = self.latents[flip].expand(b, -1, -1, -1)
         noise = randn_tensor(lat.shape, generator=self.generator, device=self.device, dtype=lat.dtype)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator
-        ).to(self.device)
+        low, high = cfg.timestep_range or (0, self.noise_scheduler.config.num_train_timesteps)
+        t = torch.randint(low, high, (b,), generator=self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(lat, noise, t)
         recorder = AttentionRecorder(
             self.latent_size,

@@ -85,6 +85,23 @@ def parse_options(items: list[str]) -> dict:
     return options
 
 
+def learn_one(pipe, image, mask: np.ndarray, folder: Path, args, **options) -> float:
+    """ONE concept learned from ``image`` under ``mask`` (published defaults and ``options``), then
+    ``args.samples`` generations of "a photo of <c>" (``args.inference_steps``, ``args.guidance``, seeds from
+    ``args.seed``) written to ``folder`` as ``concept_1_<i>.png``. Returns the learning's seconds."""
+    t0 = time.perf_counter()
+    out = pipe.extract_concepts(
+        image, masks=[mask], generator=torch.Generator().manual_seed(args.seed), load=False, **options
+    )
+    seconds = time.perf_counter() - t0
+    pipe.load_concepts(out)
+    generate_samples(
+        pipe, out.tokens, folder, samples=args.samples, seed=args.seed,
+        steps=args.inference_steps, guidance=args.guidance,
+    )  # fmt: skip
+    return seconds
+
+
 def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
     name = variant if variant == "word" else variant + args.tag
     folder = work / name / str(seed)
@@ -107,18 +124,9 @@ def run_one(pipe, seed: int, variant: str, args, work: Path) -> dict:
         for i, im in enumerate(images):
             im.save(folder / f"concept_1_{i}.png")
     else:
-        out = pipe.extract_concepts(
-            scene.image,
-            masks=[probe_mask(scene, variant)],
-            num_train_steps=args.steps,
-            generator=torch.Generator().manual_seed(args.seed),
-            load=False,
-            **parse_options(args.option),
-        )
-        pipe.load_concepts(out)
-        generate_samples(
-            pipe, out.tokens, folder, samples=args.samples, seed=args.seed,
-            steps=args.inference_steps, guidance=args.guidance,
+        learn_one(
+            pipe, scene.image, probe_mask(scene, variant), folder, args,
+            num_train_steps=args.steps, **parse_options(args.option),
         )  # fmt: skip
     row = {
         "seed": seed,

@@ -4,7 +4,8 @@
 
 For every pair of captions "a photo of a {colour} {shape}" that differ only in the shape word (or only in the
 colour word), the L2 distance between their first 12 hidden states (the caption, [EOT] and a few pads), and the
-mean norm of those states for scale.
+mean norm of those states for scale. Then the shape words' INPUT rows (what a one-slot embedding "colour + shape"
+and a learned token live among): each row's norm and its cosine with every other shape's row, as a table.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def main() -> None:
     print(f"captions differing in the shape word:  mean distance {np.mean(shape):.1f}")
     print(f"captions differing in the colour word: mean distance {np.mean(colour):.1f}")
     print(f"mean norm of the encodings: {np.mean([v.norm().item() for v in h.values()]):.1f}")
+
+    rows = text.get_input_embeddings().weight
+    word = {w: rows[tok(w, add_special_tokens=False).input_ids[0]] for w in (*SHAPES, *COLORS)}
+    print(f"\ncolour word rows: norm {min(word[c].norm().item() for c in COLORS):.3f}-"
+          f"{max(word[c].norm().item() for c in COLORS):.3f}")  # fmt: skip
+    print("\n| shape word row | norm | " + " | ".join(f"cos with {s}" for s in SHAPES) + " |")
+    print("|---" * (len(SHAPES) + 2) + "|")
+    for s1 in SHAPES:
+        cos = [torch.nn.functional.cosine_similarity(word[s1], word[s2], dim=0).item() for s2 in SHAPES]
+        print(f"| {s1} | {word[s1].norm().item():.3f} | " + " | ".join(f"{c:+.2f}" for c in cos) + " |")
 
 
 if __name__ == "__main__":

@@ -342,3 +342,19 @@ def test_inversion_probe_picks_scenes_by_texture():
     assert len(striped) == 3 and striped == sorted(striped) and striped[0] >= 30_000
     assert all(render_scene(s, num_objects=1).objects[0]["texture"] == "striped" for s in striped)
     assert probe.probe_seeds(30_000, 3) == [30_000, 30_001, 30_002]
+
+
+def test_alone_benchmark_pairs_each_object_with_its_joint_reading():
+    alone = load_benchmark("toyworld_alone")
+    rows = [  # "both" is the share of the object's generations right, as the probe's score writes it
+        {"seed": 1, "object": 0, "shape_name": "heart", "both": 0.75},
+        {"seed": 1, "object": 1, "shape_name": "circle", "both": 1.0},
+        {"seed": 2, "object": 0, "shape_name": "heart", "both": 0.0},
+    ]
+    joint = {(1, 0): {"both": 1}, (1, 1): {"both": 4}, (2, 0): {"both": 2}}
+    table = alone.summarize(rows, joint, samples=4)
+    assert table["all"] == {"objects": 3, "generations": 12, "alone": 7, "joint": 7}
+    assert table["heart"] == {"objects": 2, "generations": 8, "alone": 3, "joint": 3}
+    assert table["circle"]["alone"] == table["circle"]["joint"] == 4
+    assert "star" not in table
+    assert table["objects better"] == {"alone": 1, "joint": 1}

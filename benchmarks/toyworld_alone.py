@@ -33,7 +33,13 @@ from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.evaluation import read_samples
 from diffusers_conceptexpress.toyworld import model_path, render_scene
 from diffusers_conceptexpress.toyworld.scenes import SHAPES
-from toyworld import add_world_arguments, model_fingerprint, scenes, world_options  # benchmarks/toyworld.py
+from toyworld import (  # benchmarks/toyworld.py
+    add_world_arguments,
+    generation_key,
+    model_fingerprint,
+    scenes,
+    world_options,
+)
 from toyworld_inversion_probe import learn_one, score
 
 
@@ -62,20 +68,21 @@ def learn_alone(pipe, seed: int, n: int, k: int, args, work: Path) -> dict:
 
 def summarize(rows: list[dict], joint: dict[tuple[int, int], dict], samples: int) -> dict:
     """Generations right alone and jointly (counts), overall and per shape, and paired objects better."""
+    # (shape, right alone, right jointly) per object; a row's "both" is a share of its generations
+    pairs = [
+        (r["shape_name"], round(r["both"] * samples), joint[r["seed"], r["object"]]["both"]) for r in rows
+    ]
     table = {}
     for group in ("all", *SHAPES):
-        sel = [r for r in rows if group in ("all", r["shape_name"])]
-        if not sel:
-            continue
-        alone = round(sum(r["both"] * samples for r in sel))
-        together = sum(joint[r["seed"], r["object"]]["both"] for r in sel)
-        table[group] = {
-            "objects": len(sel),
-            "generations": samples * len(sel),
-            "alone": alone,
-            "joint": together,
-        }
-    better = [round(r["both"] * samples) - joint[r["seed"], r["object"]]["both"] for r in rows]
+        sel = [(a, j) for shape, a, j in pairs if group in ("all", shape)]
+        if sel:
+            table[group] = {
+                "objects": len(sel),
+                "generations": samples * len(sel),
+                "alone": sum(a for a, _ in sel),
+                "joint": sum(j for _, j in sel),
+            }
+    better = [a - j for _, a, j in pairs]
     table["objects better"] = {"alone": sum(b > 0 for b in better), "joint": sum(b < 0 for b in better)}
     return table
 
@@ -101,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fingerprint = model_fingerprint(args.model or model_path(), world_options(args))
-    protocol = f"ddim{args.inference_steps}-cfg{args.guidance:g}-n{args.samples}-seed{args.seed}"
+    protocol = generation_key(args)
     args.work = args.work or Path(".benchmark-runs/alone") / fingerprint / protocol
     summary = json.loads(args.joint.read_text())
     if summary["header"].get("generation") != protocol:
@@ -117,8 +124,9 @@ def main() -> None:
     items = scenes(last - first + 1, first)[args.start - first : args.start - first + args.scenes]
     objects = [(seed, n, k) for seed, n in items for k in range(n)]
     shard, shards = (int(x) for x in args.shard.split("/"))
-    pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = None if args.summarize_only else ConceptExpressPipeline.from_pretrained(args.model or model_path())
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
     rows = []
     for i, (seed, n, k) in enumerate(objects):
         cached = args.work / f"{seed}_{k}" / "row.json"

@@ -20,12 +20,14 @@ toy model (or ``--model``):
 
 Each finished extraction is recorded under ``--records`` (default ``benchmarks/results/toyworld_extraction``,
 committed; one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its
-result, masks and learned embeddings. The generated images go to ``--work`` (default
-``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol) and are regenerated from
-the embeddings when missing. So an interrupted run resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over
-parallel processes and ``--summarize-only`` tabulates the scenes whose every variant is recorded. The
-summary goes to ``benchmarks/results/toyworld.json`` and, with ``--update-docs``, into docs/benchmarks.md
-between the ``toyworld-benchmark`` markers.
+result, masks, learned embeddings and its generations tiled in one PNG per generation protocol
+(``samples_<protocol>.png``, a row per prompt). The generated images go to ``--work`` (default
+``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol), unpacked from that PNG or,
+for older records, regenerated from the embeddings. So an interrupted run resumes where it stopped, also in a
+later session; ``--shard K/N`` splits the scenes over parallel processes (or ``--claim``: processes started
+with the same command take the scenes one at a time) and ``--summarize-only`` tabulates the scenes whose
+every variant is recorded. The summary goes to ``benchmarks/results/toyworld.json`` and, with
+``--update-docs``, into docs/benchmarks.md between the ``toyworld-benchmark`` markers.
 """
 
 from __future__ import annotations
@@ -262,6 +264,31 @@ def _samples_dir(work: Path, variant: str, seed: int, args) -> Path:
     return work / "extraction" / generation_key(args) / _variant_dir(variant) / str(seed)
 
 
+def claim(path: Path) -> bool:
+    """Take one unit of work for this process: False when another live process holds ``path``.
+
+    The claim is a file created with ``O_EXCL`` holding the owner's pid; one whose process is gone (a killed
+    run) is taken over. Processes started with the same ``--work`` and ``--claim`` so share the scenes one at a
+    time, and none waits on a slower shard.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(path.read_text() or 0)
+            os.kill(owner, 0)  # raises when no such process
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # a dead owner's claim
+            return claim(path)
+        except PermissionError:
+            return False  # alive, another user's
+        return owner == os.getpid()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
 def _generate(pipe, tokens: list[str], embeddings: torch.Tensor, folder: Path, args) -> list[str]:
     """The evaluation images of one extraction (regenerated from its record when the cache lacks them)."""
     pipe.load_concepts(ConceptExpressOutput(tokens=tokens, embeddings=embeddings, localization=None))
@@ -270,6 +297,45 @@ def _generate(pipe, tokens: list[str], embeddings: torch.Tensor, folder: Path, a
         pipe, tokens, folder, samples=args.samples, seed=args.seed, steps=args.inference_steps,
         guidance=args.guidance,
     )  # fmt: skip
+
+
+def sample_names(concepts: int) -> list[str]:
+    """The file stems of one extraction's generations: ``concept_<k>`` (k = 1..K), then ``joint`` when K >= 2."""
+    return [f"concept_{k + 1}" for k in range(concepts)] + (["joint"] if concepts > 1 else [])
+
+
+def _samples_record(record: Path, args) -> Path:
+    return record / f"samples_{generation_key(args)}.png"
+
+
+def pack_samples(samples: Path, names: list[str], count: int, grid: Path) -> None:
+    """Tile ``<samples>/<name>_<i>.png`` into one PNG (a row per name, a column per i), written atomically.
+
+    Kept in the record, it makes a later session's summary exact and free (PNG is lossless) instead of
+    costing 2-3 minutes of generation per scene and variant.
+    """
+    tiles = [
+        [PIL.Image.open(samples / f"{name}_{i}.png").convert("RGB") for i in range(count)] for name in names
+    ]
+    w, h = tiles[0][0].size
+    sheet = PIL.Image.new("RGB", (w * count, h * len(names)))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (c * w, r * h))
+    with atomic_file(grid, "wb") as handle:
+        sheet.save(handle, format="PNG")
+
+
+def unpack_samples(grid: Path, names: list[str], count: int, samples: Path) -> None:
+    """The inverse of :func:`pack_samples`: write the tiles back as ``<samples>/<name>_<i>.png``."""
+    sheet = PIL.Image.open(grid).convert("RGB")
+    w, h = sheet.width // count, sheet.height // len(names)
+    if (w * count, h * len(names)) != sheet.size:
+        raise ValueError(f"{grid}: {sheet.size} is not a grid of {len(names)} x {count} equal tiles.")
+    samples.mkdir(parents=True, exist_ok=True)
+    for r, name in enumerate(names):
+        for c in range(count):
+            sheet.crop((c * w, r * h, (c + 1) * w, (r + 1) * h)).save(samples / f"{name}_{c}.png")
 
 
 def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, work: Path) -> dict:
@@ -281,12 +347,19 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
     """
     result_path = _result_path(records, variant, seed)
     samples = _samples_dir(work, variant, seed, args)
+    grid = _samples_record(result_path.parent, args)
     if result_path.is_file():
         result = json.loads(result_path.read_text())
+        names = sample_names(result["concepts"])
         if not (samples / "done").is_file():
-            emb = load_file(str(result_path.parent / "embeddings.safetensors"))["embeddings"]
-            _generate(pipe, concept_token_names("<ce>", emb.shape[0]), emb, samples, args)
+            if grid.is_file():
+                unpack_samples(grid, names, args.samples, samples)
+            else:
+                emb = load_file(str(result_path.parent / "embeddings.safetensors"))["embeddings"]
+                _generate(pipe, concept_token_names("<ce>", emb.shape[0]), emb, samples, args)
             (samples / "done").touch()
+        if not grid.is_file():
+            pack_samples(samples, names, args.samples, grid)
         return result
     scene = render_scene(seed, num_objects=n, **world_options(args))
     schedule = variant.split(",")[0]
@@ -327,6 +400,7 @@ def extract_scene(pipe, seed: int, n: int, variant: str, args, records: Path, wo
         np.savez_compressed(handle, *masks)
     with atomic_file(folder / "embeddings.safetensors", "wb") as handle:
         handle.write(save({"embeddings": out.embeddings.contiguous()}))
+    pack_samples(samples, sample_names(len(masks)), args.samples, grid)
     _write_json(result_path, result)  # last: its presence marks a complete record
     return result
 
@@ -476,6 +550,11 @@ def main() -> None:
         "--shard", default="0/1", help="K/N: extract only scenes i with i %% N == K (parallel processes)"
     )
     p.add_argument(
+        "--claim",
+        action="store_true",
+        help="share the scenes with other processes of the same --work one at a time (claim files)",
+    )
+    p.add_argument(
         "--summarize-only",
         action="store_true",
         help="extract nothing; summarise the scenes whose every variant is in the cache",
@@ -524,6 +603,8 @@ def main() -> None:
             for variant in wanted:
                 if not (mine or (args.summarize_only and _result_path(records, variant, seed).is_file())):
                     continue  # --summarize-only regenerates recorded scenes' missing images, nothing else
+                if args.claim and not claim(work / "claims" / _variant_dir(variant) / str(seed)):
+                    continue  # another process has it
                 r = extract_scene(pipe, seed, n, variant, args, records, work)
                 print(
                     f"[{variant}] scene {i + 1}/{len(ext_items)} (seed {seed}): {r['concepts']} concept(s), "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -358,3 +361,35 @@ def test_alone_benchmark_pairs_each_object_with_its_joint_reading():
     assert table["circle"]["alone"] == table["circle"]["joint"] == 4
     assert "star" not in table
     assert table["objects better"] == {"alone": 1, "joint": 1}
+
+
+def test_benchmark_claims_share_scenes_between_live_processes(tmp_path):
+    bench = load_benchmark("toyworld")
+    mine = tmp_path / "claims" / "fast_GT-masks" / "20000"
+    assert bench.claim(mine) and mine.read_text() == str(os.getpid())
+    assert bench.claim(mine)  # this process's own claim stays its own
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        theirs = tmp_path / "claims" / "fast_GT-masks" / "20001"
+        theirs.write_text(str(other.pid))
+        assert not bench.claim(theirs)  # a live process holds it
+        other.kill()
+        other.wait()
+        assert bench.claim(theirs) and theirs.read_text() == str(os.getpid())  # a dead owner's claim is taken
+
+
+def test_benchmark_record_sample_grid_round_trips_exactly(tmp_path):
+    bench = load_benchmark("toyworld")
+    names = bench.sample_names(2)
+    assert names == ["concept_1", "concept_2", "joint"] and bench.sample_names(1) == ["concept_1"]
+    rng = np.random.default_rng(0)
+    pixels = {(n, i): rng.integers(0, 256, (8, 6, 3), dtype=np.uint8) for n in names for i in range(4)}
+    for (n, i), a in pixels.items():
+        Image.fromarray(a).save(tmp_path / f"{n}_{i}.png")
+    bench.pack_samples(tmp_path, names, 4, tmp_path / "record" / "samples.png")
+    assert Image.open(tmp_path / "record" / "samples.png").size == (4 * 6, 3 * 8)
+    bench.unpack_samples(tmp_path / "record" / "samples.png", names, 4, tmp_path / "back")
+    read = bench.read_samples(tmp_path / "back", "concept_2", 4)
+    assert all(np.array_equal(np.asarray(im), pixels["concept_2", i]) for i, im in enumerate(read))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "back" / "joint_3.png")), pixels["joint", 3])
+    with pytest.raises(ValueError, match="equal tiles"):
+        bench.unpack_samples(tmp_path / "record" / "samples.png", names, 5, tmp_path / "bad")

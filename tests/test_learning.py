@@ -176,6 +176,17 @@ def test_timestep_range_bounds_the_training_timesteps(components_factory):
     assert LearningConfig(timestep_range=(900, 1000)).to_dict()["timestep_range"] == [900, 1000]
     default = timesteps(LearningConfig(**common))
     assert (default < 900).any()  # the authors' full range
+    seen.clear()
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with pytest.raises(ValueError, match="reaches past the scheduler's 1000"):
+            pipe.extract_concepts(Image.new("RGB", (64, 64)), timestep_range=(500, 1001))
+        assert not seen  # refused before any UNet pass
+        with pytest.raises(ValueError, match="timestep_range"):
+            run(pipe, LearningConfig(timestep_range=(0, 1001), **common))
+        assert not seen
+    finally:
+        handle.remove()
 
 
 def test_mixed_precision_and_half_precision_text_encoder(components_factory):

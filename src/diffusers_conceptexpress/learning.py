@@ -126,6 +126,14 @@ class LearningConfig:
                 )
             self.timestep_range = (int(low), int(high))
 
+    def check_scheduler(self, num_train_timesteps: int) -> None:
+        """Raise ``ValueError`` when ``timestep_range`` reaches past the scheduler's ``num_train_timesteps``."""
+        if self.timestep_range is not None and self.timestep_range[1] > num_train_timesteps:
+            raise ValueError(
+                f"timestep_range={self.timestep_range} reaches past the scheduler's {num_train_timesteps} "
+                f"training timesteps; use a high end <= {num_train_timesteps}."
+            )
+
     def to_dict(self) -> dict:
         """Plain-JSON view of the options."""
         d = asdict(self)
@@ -306,6 +314,7 @@ def learn_concepts(
         :class:`LearnedConcepts`.
     """
     config = config or LearningConfig()
+    config.check_scheduler(scheduler.config.num_train_timesteps)
     k = masks.shape[0]
     if k < 1:
         raise ValueError("Concept learning needs at least one mask.")

@@ -126,6 +126,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             )
         loc = LocalizationConfig(**{k: v for k, v in options.items() if k in loc_fields})
         learn = LearningConfig(**{k: v for k, v in options.items() if k in learn_fields})
+        learn.check_scheduler(self.scheduler.config.num_train_timesteps)  # before any UNet pass
         return loc, learn
 
     # ------------------------------------------------------------- localization

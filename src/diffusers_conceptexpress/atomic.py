@@ -12,6 +12,22 @@ from pathlib import Path
 __all__ = ["atomic_directory", "atomic_file"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | os.PathLike, path: Path, mode: int) -> None:
+    """Give ``tmp`` the permissions an ordinary ``open``/``mkdir`` would have, then rename it onto ``path``.
+
+    ``mkstemp``/``mkdtemp`` create owner-only (0600/0700) entries; without this a concept file written here
+    could not be read by another user or a server process that reads what a plain write would let it read.
+    """
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file next to ``path``; on success it is renamed onto ``path``, on error removed."""
@@ -21,7 +37,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o666)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -47,10 +63,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            _publish(tmp, path, 0o777)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _publish(tmp, path, 0o777)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

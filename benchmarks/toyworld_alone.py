@@ -16,6 +16,11 @@ guidance 7.5, seeds 0..samples-1), read by ``toyworld.classify``. The joint run'
 comes from the benchmark's summary JSON (``--joint``: its ``fast, GT masks`` ``per_concept`` rows, which
 must cover these scenes and use the same protocol).
 
+``--isolate`` learns each object from its scene with the other objects painted over by the scene's background
+(``render_scene(keep=[k])``: the object keeps its pixels and visible mask), and ``--baseline`` compares with
+an earlier ``--out`` of this script (e.g. the same objects learned in their full scenes) instead of the joint
+reading.
+
 Prints generations right (shape and colour) alone and jointly, overall and per shape, and the objects each
 way drew better; writes ``--out`` (rows accumulate per object in ``--work``, so shards and sessions resume).
 """
@@ -49,7 +54,7 @@ def learn_alone(pipe, seed: int, n: int, k: int, args, work: Path) -> dict:
     row_path = folder / "row.json"
     if row_path.is_file():
         return json.loads(row_path.read_text())
-    scene = render_scene(seed, num_objects=n, **world_options(args))
+    scene = render_scene(seed, num_objects=n, keep=[k] if args.isolate else None, **world_options(args))
     obj = scene.objects[k]
     folder.mkdir(parents=True, exist_ok=True)
     seconds = learn_one(pipe, scene.image, scene.masks[k], folder, args)
@@ -96,7 +101,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--shard", default="0/1", help="K/N: this process learns objects i with i % N == K")
+    p.add_argument("--shard", default="0/1", help="K/N: this process learns objects i with i %% N == K")
     p.add_argument("--model", default=None)
     add_world_arguments(p)
     p.add_argument("--joint", type=Path, default=Path("benchmarks/results/toyworld.json"))
@@ -104,12 +109,25 @@ def main() -> None:
         "--work", type=Path, default=None, help="default: .benchmark-runs/alone/<fingerprint>/<protocol>"
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_alone.json"))
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="learn each object from its scene with the other objects painted over by the background",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="an earlier --out of this script: compare with its rows instead of the benchmark's joint reading",
+    )
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fingerprint = model_fingerprint(args.model or model_path(), world_options(args))
     protocol = generation_key(args)
-    args.work = args.work or Path(".benchmark-runs/alone") / fingerprint / protocol
+    args.work = args.work or Path(".benchmark-runs/alone") / fingerprint / (
+        protocol + ("-isolated" if args.isolate else "")
+    )
     summary = json.loads(args.joint.read_text())
     if summary["header"].get("generation") != protocol:
         raise SystemExit(
@@ -141,9 +159,16 @@ def main() -> None:
     missing = len(objects) - len(rows)
     if missing:
         raise SystemExit(f"{missing} object(s) not learned yet: run the shards first (--shard K/N).")
-    joint = {(r["seed"], r["target"]): r for r in summary["extraction"]["fast, GT masks"]["per_concept"]}
+    if args.baseline:  # the same objects learned another way by this script (e.g. in the scene vs --isolate)
+        base = json.loads(args.baseline.read_text())["rows"]
+        joint = {(r["seed"], r["object"]): {"both": round(r["both"] * args.samples)} for r in base}
+        label = f"right in {args.baseline.name}"
+    else:
+        joint = {(r["seed"], r["target"]): r for r in summary["extraction"]["fast, GT masks"]["per_concept"]}
+        label = "right jointly (the benchmark's fast, GT masks)"
     table = summarize(rows, joint, args.samples)
-    print("| objects | generations | right alone | right jointly (the benchmark's fast, GT masks) |")
+    mine = "right alone" + (", isolated" if args.isolate else "")
+    print(f"| objects | generations | {mine} | {label} |")
     print("|---|---|---|---|")
     for group, t in table.items():
         if group != "objects better":
@@ -152,7 +177,7 @@ def main() -> None:
                 f"| {group} | {g} | {t['alone']} ({t['alone'] / g:.0%}) | {t['joint']} ({t['joint'] / g:.0%}) |"
             )
     print(
-        f"\nobjects better: alone {table['objects better']['alone']}, jointly {table['objects better']['joint']}"
+        f"\nobjects better: {mine} {table['objects better']['alone']}, {label} {table['objects better']['joint']}"
     )
     with atomic_file(args.out, "w") as handle:
         json.dump(

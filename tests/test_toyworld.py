@@ -77,6 +77,21 @@ def test_rim_darkens_the_inside_of_each_outline_and_changes_nothing_else():
         assert 0.25 < ratio < 0.45  # RIM_SHADE = 0.35 of the colour, plus pixel noise
 
 
+def test_keep_replaces_the_other_objects_by_the_scenes_background():
+    full = render_scene(20_001, num_objects=3)
+    empty = render_scene(20_001, num_objects=3, keep=[])
+    one = render_scene(20_001, num_objects=3, keep=[1])
+    assert one.objects == full.objects and one.caption == full.caption
+    assert all(np.array_equal(a, b) for a, b in zip(one.masks, full.masks, strict=True))
+    f, e, o = (np.asarray(s.image).astype(int) for s in (full, empty, one))
+    anywhere = np.any(full.masks, axis=0)
+    assert np.array_equal(e[~anywhere], f[~anywhere])  # the background itself is untouched
+    for k, mask in enumerate(full.masks):
+        assert np.abs(e[mask] - f[mask]).sum(-1).mean() > 30  # an object's pixels became background
+        assert np.array_equal(o[mask], (f if k == 1 else e)[mask])  # kept: its pixels; others: background
+    assert np.array_equal(np.asarray(render_scene(20_001, num_objects=3, keep=[0, 1, 2]).image), f)
+
+
 def test_scene_variety_same_colour_textures_backgrounds():
     scenes = [render_scene(s) for s in range(200)]
     same_colour = [

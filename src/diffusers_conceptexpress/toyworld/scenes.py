@@ -12,6 +12,7 @@ the same picture on every machine.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -217,6 +218,7 @@ def render_scene(
     radius_range: tuple[float, float] | None = None,
     rim: int = RIM_WIDTH,
     stripe_shade: float = STRIPE_SHADE,
+    keep: Sequence[int] | None = None,
 ) -> Scene:
     """Render scene number ``seed`` (deterministic) with ``num_objects`` objects (default: 1-3 at random).
 
@@ -235,12 +237,18 @@ def render_scene(
     ``stripe_shade`` is the colour of a striped object's dark bands as a share of its colour (default
     ``STRIPE_SHADE``, 0.8, the fourth world's, the shipped model's); like ``rim`` it adds no random draw, so other
     values change only those bands (0.55: the third world's darker stripes, the eighth model's, docs/toyworld.md).
+
+    ``keep`` (object indices; a diagnostic): only these objects stay in the picture; every other object's
+    visible pixels show the scene's background instead. ``masks``, ``objects`` and ``caption`` stay the whole
+    scene's and no random draw changes, so a kept object has exactly its pixels and visible mask of the full
+    scene (where it was occluded, the background shows).
     """
     if num_objects is not None and not 1 <= num_objects <= 4:
         raise ValueError("num_objects must be between 1 and 4")
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, 4)) if num_objects is None else int(num_objects)
     canvas, bg_info = _background(rng, size)
+    background = canvas.copy()
     scale = size / 64.0
     for _attempt in range(200):
         objects, full = [], []
@@ -295,6 +303,10 @@ def render_scene(
             inner = _erode(m, max(1, round(rim * scale)))
             color_map = np.where(inner[..., None], color_map, color_map * RIM_SHADE)
         canvas[m] = color_map[m] + rng.normal(0.0, 0.015, (int(m.sum()), 3))
+    if keep is not None:
+        for i, v in enumerate(visible):
+            if i not in keep:
+                canvas[v] = background[v]
     image = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), "RGB")
     return Scene(
         image=image,

@@ -92,6 +92,11 @@ def summarize(rows: list[dict], joint: dict[tuple[int, int], dict], samples: int
     return table
 
 
+def as_reading(rows: list[dict], samples: int) -> dict[tuple[int, int], dict]:
+    """Rows of this script (``both``: a share) as a baseline reading (``both``: generations) for summarize."""
+    return {(r["seed"], r["object"]): {"both": round(r["both"] * samples)} for r in rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--start", type=int, default=20000, help="first benchmark seed")
@@ -160,8 +165,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{missing} object(s) not learned yet: run the shards first (--shard K/N).")
     if args.baseline:  # the same objects learned another way by this script (e.g. in the scene vs --isolate)
-        base = json.loads(args.baseline.read_text())["rows"]
-        joint = {(r["seed"], r["object"]): {"both": round(r["both"] * args.samples)} for r in base}
+        joint = as_reading(json.loads(args.baseline.read_text())["rows"], args.samples)
         label = f"right in {args.baseline.name}"
     else:
         joint = {(r["seed"], r["target"]): r for r in summary["extraction"]["fast, GT masks"]["per_concept"]}

@@ -361,6 +361,13 @@ def test_alone_benchmark_pairs_each_object_with_its_joint_reading():
     assert table["circle"]["alone"] == table["circle"]["joint"] == 4
     assert "star" not in table
     assert table["objects better"] == {"alone": 1, "joint": 1}
+    # against an earlier run of the script itself (e.g. objects learned in their scenes vs --isolate)
+    baseline = alone.as_reading(rows, samples=4)
+    assert baseline == {(1, 0): {"both": 3}, (1, 1): {"both": 4}, (2, 0): {"both": 0}}
+    isolated = [{**rows[0], "both": 1.0}, rows[1], rows[2]]
+    same = alone.summarize(isolated, baseline, samples=4)
+    assert same["all"]["alone"] == 8 and same["all"]["joint"] == 7
+    assert same["objects better"] == {"alone": 1, "joint": 0}
 
 
 def test_benchmark_claims_share_scenes_between_live_processes(tmp_path):

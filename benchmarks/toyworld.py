@@ -312,7 +312,7 @@ def pack_samples(samples: Path, names: list[str], count: int, grid: Path) -> Non
     """Tile ``<samples>/<name>_<i>.png`` into one PNG (a row per name, a column per i), written atomically.
 
     Kept in the record, it makes a later session's summary exact and free (PNG is lossless) instead of
-    costing 2-3 minutes of generation per scene and variant.
+    costing about 1.5 minutes of generation per scene and variant on one thread (docs/benchmarks.md).
     """
     tiles = [
         [PIL.Image.open(samples / f"{name}_{i}.png").convert("RGB") for i in range(count)] for name in names

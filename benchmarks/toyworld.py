@@ -420,6 +420,21 @@ def right_by(per_concept: list[dict], key: str, values) -> dict:
     }
 
 
+def shape_confusion(per_concept: list[dict]) -> dict:
+    """Generations per (object's shape, shape read in the generation): ``{true: {read: count}}``.
+
+    The shapes a learned token draws instead of its object's say what the masked loss let it get away with
+    (docs/toyworld.md). Rows of :func:`summarize_extraction` without ``read_shapes`` (older summaries) or
+    without a target object count nowhere.
+    """
+    table = {true: dict.fromkeys(SHAPES, 0) for true in SHAPES}
+    for r in per_concept:
+        for read in r.get("read_shapes") or []:
+            if r.get("object_shape") in table and read in table[r["object_shape"]]:
+                table[r["object_shape"]][read] += 1
+    return table
+
+
 def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
     sets, seconds, samples = [], [], []
     per_concept = []  # one row per learned concept, for paired comparisons across models and variants
@@ -440,7 +455,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
             per_concept.append({
                 "seed": seed, "concept": k, "target": target, "texture": truth.get("texture"),
                 "object_shape": truth.get("shape"), "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
-                "shape": sum(shape), "color": sum(color),
+                "shape": sum(shape), "color": sum(color), "read_shapes": [r["shape"] for r in reads],
             })  # fmt: skip
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
@@ -457,6 +472,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "generations": sum(r["images"] for r in per_concept),
         "by_texture": right_by(per_concept, "texture", TEXTURES),  # striped objects are the hard ones
         "by_shape": right_by(per_concept, "object_shape", SHAPES),
+        "shape_confusion": shape_confusion(per_concept),
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),
@@ -522,6 +538,12 @@ def markdown(summary: dict, header: dict) -> str:
         ["generations right per object shape", *SHAPES],
         [[name, *(_share(r["by_shape"].get(shape)) for shape in SHAPES)] for name, r in ext.items() if "by_shape" in r],
     )  # fmt: skip
+    for name, r in ext.items():
+        if "shape_confusion" in r:
+            lines += _table(
+                [f"{name}: object's shape (row) / shape drawn", *SHAPES],
+                [[true, *(str(r["shape_confusion"][true][read]) for read in SHAPES)] for true in SHAPES],
+            )
     return "\n".join(lines)
 
 

@@ -17,6 +17,12 @@ learned token, of the true slot, the true slot's rank among the 48 slots, and th
 ``benchmarks/results/toyworld_loss_landscape.json``. If the true slot ranks first, the objective points at the
 object and what is missing is the optimisation; if same-colour slots of other shapes tie with it, the
 masked loss cannot see the shape (the flat-colour limit).
+
+``--margins 0,2`` repeats every evaluation with the loss mask grown by a band of that many latent cells
+(:func:`loss_masks_with_margin`; the same draws for every margin): a diagnostic of whether scoring the cells
+just outside the object, where a larger same-colour shape overflows, makes the true slot win.
+``--slots colour`` keeps only the six slots of the object's own colour; ``--seeds`` and ``--shapes`` pick
+records and objects.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffusers_conceptexpress import ConceptExpressPipeline
@@ -39,6 +46,30 @@ from toyworld_prompt_forms import slot_embedding
 
 BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 PROBE = "<landscape-probe>"
+
+
+def loss_masks_with_margin(masks: torch.Tensor, margin: int) -> torch.Tensor:
+    """Each concept's mask grown by a band of ``margin`` latent cells that no other concept's mask holds.
+
+    The masked loss of method.md §2 scores a prompt only inside its concept's mask, so a token that draws a
+    larger shape of the same colour there (a circle over a heart) costs nothing. The band adds the cells just
+    outside the object, where such an overflow shows; cells of other concepts stay out, so a token is never
+    asked to draw its neighbour.
+
+    Args:
+        masks: (K, h, w) bool concept masks on the latent grid.
+        margin: width of the band in latent cells (Chebyshev distance); 0 returns ``masks`` unchanged.
+    Returns:
+        (K, h, w) bool masks, each a superset of its input.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 latent cells, got {margin}.")
+    if margin == 0:
+        return masks
+    m = masks.float()[:, None]
+    grown = F.max_pool2d(m, kernel_size=2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
+    others = torch.stack([masks[[j for j in range(len(masks)) if j != i]].any(0) for i in range(len(masks))])
+    return masks | (grown & ~others)
 
 
 @torch.no_grad()
@@ -78,40 +109,57 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=16, help="(t, noise) draws per quarter of the t range")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--margins", default="0", help="loss-mask bands to compare, in latent cells (loss_masks_with_margin)"
+    )
+    p.add_argument(
+        "--slots", choices=("all", "colour"), default="all",
+        help="candidate slots: all 48, or only the 6 shapes in the object's own colour (8x cheaper)",
+    )  # fmt: skip
+    p.add_argument("--seeds", default=None, help="only these record seeds (comma-separated)")
+    p.add_argument("--shapes", default=None, help="only objects of these shapes (comma-separated)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_loss_landscape.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = ConceptExpressPipeline.from_pretrained(model_path())
     pipe.load_textual_inversion({PROBE: torch.zeros(pipe.text_encoder.config.hidden_size)})
     folder = args.records / model_fingerprint(model_path())
+    margins = [int(m) for m in args.margins.split(",")]
     rows = []
     for variant in args.variants.split(","):
         for record in sorted((folder / variant).glob("*/result.json")):
             result = json.loads(record.read_text())
+            if args.seeds and str(result["seed"]) not in args.seeds.split(","):
+                continue
             scene = render_scene(result["seed"], num_objects=result["objects"])
             x = torch.from_numpy(np.asarray(scene.image).copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
             with torch.no_grad():
                 z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
             masks = list(np.load(record.parent / "masks.npz").values())
-            latent = masks_to_latent_grid(masks, scene.image.size, tuple(z0.shape[-2:])).float()
+            latent = masks_to_latent_grid(masks, scene.image.size, tuple(z0.shape[-2:]))
             learned = load_file(str(record.parent / "embeddings.safetensors"))["embeddings"]
-            for k, target in enumerate(result["targets"]):
+            for (k, target), margin in itertools.product(enumerate(result["targets"]), margins):
                 if target is None or target < 0:
                     continue
+                if args.shapes and scene.objects[target]["shape"] not in args.shapes.split(","):
+                    continue
+                loss_mask = loss_masks_with_margin(latent, margin)[k].float()
                 obj = scene.objects[target]
                 striped = ["striped"] if obj["texture"] == "striped" else []
                 slots = {
                     f"{c} {s}": slot_embedding(pipe, [c, *striped, s])
                     for c, s in itertools.product(COLORS, SHAPES)
+                    if args.slots == "all" or c == obj["color"]
                 }
                 candidates = {"learned": learned[k], "empty": None, **slots}
-                got = losses(pipe, z0, latent[k][None, None], candidates, args.draws, args.seed + k)
+                got = losses(pipe, z0, loss_mask[None, None], candidates, args.draws, args.seed + k)
                 true = f"{obj['color']} {obj['shape']}"
                 ranked = sorted(slots, key=lambda s: got[s][-1])
                 row = {
                     "variant": variant,
                     "seed": result["seed"],
                     "concept": k,
+                    "margin": margin,
                     "object": true + (" (striped)" if striped else ""),
                     "loss": got,
                     "true_rank": ranked.index(true) + 1,
@@ -122,9 +170,9 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"{variant:18s} {row['seed']} c{k} {row['object']:22s} x1e3: learned {1e3 * got['learned'][-1]:.3f}"
+                    f"{variant:18s} {row['seed']} c{k} m{margin} {row['object']:22s} x1e3: learned {1e3 * got['learned'][-1]:.3f}"
                     f" true {1e3 * got[true][-1]:.3f} empty {1e3 * got['empty'][-1]:.3f} | true rank"
-                    f" {row['true_rank']}/48, learned beats {row['learned_rank'] - 1}/48 | best {ranked[:4]}"
+                    f" {row['true_rank']}/{len(slots)}, learned beats {row['learned_rank'] - 1}/{len(slots)} | best {ranked[:4]}"
                     f" | |learned - true| {row['learned_to_true']:.3f} (|true| {row['true_norm']:.3f})",
                     flush=True,
                 )

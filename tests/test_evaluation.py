@@ -400,3 +400,48 @@ def test_benchmark_record_sample_grid_round_trips_exactly(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "back" / "joint_3.png")), pixels["joint", 3])
     with pytest.raises(ValueError, match="equal tiles"):
         bench.unpack_samples(tmp_path / "record" / "samples.png", names, 5, tmp_path / "bad")
+
+
+def test_benchmark_shape_confusion_counts_what_each_shape_was_drawn_as():
+    bench = load_benchmark("toyworld")
+    rows = [
+        {"object_shape": "heart", "read_shapes": ["circle", "circle", "heart", "square"]},
+        {"object_shape": "heart", "read_shapes": ["circle"]},
+        {"object_shape": "star", "read_shapes": ["cross", "star"]},
+        {"object_shape": None, "read_shapes": ["square"]},  # mask matched no object: counts nowhere
+        {"object_shape": "circle"},  # a summary from before read_shapes
+    ]
+    table = bench.shape_confusion(rows)
+    assert table["heart"] == {"circle": 3, "square": 1, "triangle": 0, "star": 0, "cross": 0, "heart": 1}
+    assert table["star"]["cross"] == 1 and table["star"]["star"] == 1
+    assert sum(sum(row.values()) for row in table.values()) == 7
+    summary = {
+        "extraction": {
+            "fast, GT masks": {
+                "sim_i": 0.9, "sim_c": None, "acc1": 0.5, "acc3": 1.0, "generation_correct": 0.25,
+                "generations": 8, "seconds": 1.0, "unet_samples": 2.0, "scenes": 1, "shape_confusion": table,
+            }
+        }
+    }  # fmt: skip
+    header = {"command": "c", "date": "d", "machine": "m", "model": "x", "scenes": 1, "seeds": "1-1"}
+    heart_row = next(
+        line for line in bench.markdown(summary, header).splitlines() if line.startswith("| heart")
+    )
+    assert heart_row.strip("|").split("|")[1:] == [" 3 ", " 1 ", " 0 ", " 0 ", " 0 ", " 1 "]
+
+
+def test_loss_landscape_margin_adds_only_free_cells_around_each_mask():
+    grow = load_benchmark("toyworld_loss_landscape").loss_masks_with_margin
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 1:3] = True
+    masks[1, 2:4, 3:5] = True  # touches concept 0 on its right
+    assert torch.equal(grow(masks, 0), masks)
+    out = grow(masks, 1)
+    assert out.shape == masks.shape and bool((out | masks).eq(out).all())  # supersets
+    assert not bool(out[0][masks[1]].any()) and not bool(out[1][masks[0]].any())  # never a neighbour's cell
+    assert int(out[0].sum()) == 16 - 2  # the 4x4 box around it less the 2 cells of concept 1 in it
+    assert bool(out[0, 1, 0]) and bool(out[0, 4, 3]) and not bool(out[0, 5, 1])
+    alone = grow(masks[:1], 2)
+    assert int(alone.sum()) == 6 * 5  # no other concept: the full Chebyshev band, cut by the left edge
+    with pytest.raises(ValueError, match="margin"):
+        grow(masks, -1)

@@ -19,7 +19,10 @@ must cover these scenes and use the same protocol).
 ``--isolate`` learns each object from its scene with the other objects painted over by the scene's background
 (``render_scene(keep=[k])``: the object keeps its pixels and visible mask), and ``--baseline`` compares with
 an earlier ``--out`` of this script (e.g. the same objects learned in their full scenes) instead of the joint
-reading.
+reading. ``--grow PX`` learns each object from its mask grown by a band of ``PX`` pixels that no other object
+holds (``loss_masks_with_margin`` of ``toyworld_loss_landscape.py``, at pixel resolution; 4 px are 2 latent
+cells of the toy model): the masked loss then also scores the cells just outside the object, where a larger
+shape of the same colour would overflow.
 
 Prints generations right (shape and colour) alone and jointly, overall and per shape, and the objects each
 way drew better; writes ``--out`` (rows accumulate per object in ``--work``, so shards and sessions resume).
@@ -31,6 +34,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffusers_conceptexpress import ConceptExpressPipeline
@@ -46,6 +50,14 @@ from toyworld import (  # benchmarks/toyworld.py
     world_options,
 )
 from toyworld_inversion_probe import learn_one, score
+from toyworld_loss_landscape import loss_masks_with_margin
+
+
+def learning_mask(scene, k: int, grow: int) -> np.ndarray:
+    """(H, W) bool: object ``k``'s visible mask, grown by ``grow`` pixels that no other object holds."""
+    if not grow:
+        return scene.masks[k]
+    return loss_masks_with_margin(torch.from_numpy(np.stack(scene.masks)), grow)[k].numpy()
 
 
 def learn_alone(pipe, seed: int, n: int, k: int, args, work: Path) -> dict:
@@ -57,7 +69,7 @@ def learn_alone(pipe, seed: int, n: int, k: int, args, work: Path) -> dict:
     scene = render_scene(seed, num_objects=n, keep=[k] if args.isolate else None, **world_options(args))
     obj = scene.objects[k]
     folder.mkdir(parents=True, exist_ok=True)
-    seconds = learn_one(pipe, scene.image, scene.masks[k], folder, args)
+    seconds = learn_one(pipe, scene.image, learning_mask(scene, k, args.grow), folder, args)
     row = {
         "seed": seed,
         "object": k,
@@ -120,6 +132,12 @@ def main() -> None:
         help="learn each object from its scene with the other objects painted over by the background",
     )
     p.add_argument(
+        "--grow",
+        type=int,
+        default=0,
+        help="learn from the object's mask grown by this many pixels that no other object holds (a diagnostic)",
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -131,7 +149,7 @@ def main() -> None:
     fingerprint = model_fingerprint(args.model or model_path(), world_options(args))
     protocol = generation_key(args)
     args.work = args.work or Path(".benchmark-runs/alone") / fingerprint / (
-        protocol + ("-isolated" if args.isolate else "")
+        protocol + ("-isolated" if args.isolate else "") + (f"-grow{args.grow}" if args.grow else "")
     )
     summary = json.loads(args.joint.read_text())
     if summary["header"].get("generation") != protocol:
@@ -171,7 +189,11 @@ def main() -> None:
         joint = {(r["seed"], r["target"]): r for r in summary["extraction"]["fast, GT masks"]["per_concept"]}
         label = "right jointly (the benchmark's fast, GT masks)"
     table = summarize(rows, joint, args.samples)
-    mine = "right alone" + (", isolated" if args.isolate else "")
+    mine = (
+        "right alone"
+        + (", isolated" if args.isolate else "")
+        + (f", mask +{args.grow} px" if args.grow else "")
+    )
     print(f"| objects | generations | {mine} | {label} |")
     print("|---|---|---|---|")
     for group, t in table.items():

@@ -445,3 +445,19 @@ def test_loss_landscape_margin_adds_only_free_cells_around_each_mask():
     assert int(alone.sum()) == 6 * 5  # no other concept: the full Chebyshev band, cut by the left edge
     with pytest.raises(ValueError, match="margin"):
         grow(masks, -1)
+
+
+def test_alone_grow_learns_from_the_mask_and_its_free_band():
+    alone = load_benchmark("toyworld_alone")
+    scene = render_scene(20_005, num_objects=3)
+    for k in range(3):
+        assert np.array_equal(alone.learning_mask(scene, k, 0), scene.masks[k])
+        grown = alone.learning_mask(scene, k, 4)
+        others = np.any([m for j, m in enumerate(scene.masks) if j != k], axis=0)
+        assert grown.dtype == bool and grown.shape == scene.masks[k].shape
+        assert grown[scene.masks[k]].all() and not grown[others].any()
+        assert grown.sum() > scene.masks[k].sum()
+        ys, xs = np.nonzero(grown & ~scene.masks[k])  # every added pixel lies within 4 px of the object
+        yo, xo = np.nonzero(scene.masks[k])
+        chebyshev = np.maximum(np.abs(ys[:, None] - yo[None]), np.abs(xs[:, None] - xo[None]))
+        assert (chebyshev.min(1) <= 4).all()

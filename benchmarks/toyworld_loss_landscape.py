@@ -49,7 +49,7 @@ PROBE = "<landscape-probe>"
 
 
 def loss_masks_with_margin(masks: torch.Tensor, margin: int) -> torch.Tensor:
-    """Each concept's mask grown by a band of ``margin`` latent cells that no other concept's mask holds.
+    """Each concept's mask grown by a band of ``margin`` grid cells that no other concept's mask holds.
 
     The masked loss of method.md §2 scores a prompt only inside its concept's mask, so a token that draws a
     larger shape of the same colour there (a circle over a heart) costs nothing. The band adds the cells just
@@ -57,8 +57,8 @@ def loss_masks_with_margin(masks: torch.Tensor, margin: int) -> torch.Tensor:
     asked to draw its neighbour.
 
     Args:
-        masks: (K, h, w) bool concept masks on the latent grid.
-        margin: width of the band in latent cells (Chebyshev distance); 0 returns ``masks`` unchanged.
+        masks: (K, h, w) bool concept masks on one grid (latent cells here; pixels in toyworld_alone --grow).
+        margin: width of the band in cells of that grid (Chebyshev distance); 0 returns ``masks`` unchanged.
     Returns:
         (K, h, w) bool masks, each a superset of its input.
     """
@@ -138,12 +138,13 @@ def main() -> None:
             masks = list(np.load(record.parent / "masks.npz").values())
             latent = masks_to_latent_grid(masks, scene.image.size, tuple(z0.shape[-2:]))
             learned = load_file(str(record.parent / "embeddings.safetensors"))["embeddings"]
+            grown = {margin: loss_masks_with_margin(latent, margin) for margin in margins}
             for (k, target), margin in itertools.product(enumerate(result["targets"]), margins):
                 if target is None or target < 0:
                     continue
                 if args.shapes and scene.objects[target]["shape"] not in args.shapes.split(","):
                     continue
-                loss_mask = loss_masks_with_margin(latent, margin)[k].float()
+                loss_mask = grown[margin][k].float()
                 obj = scene.objects[target]
                 striped = ["striped"] if obj["texture"] == "striped" else []
                 slots = {

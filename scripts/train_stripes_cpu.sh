@@ -6,7 +6,7 @@
 # plain ones, and "a photo of a red striped circle" itself in 64% (docs/benchmarks.md).
 #
 # Usage: INIT=<model folder> bash scripts/train_stripes_cpu.sh [RUNS_DIR]
-#   (RUN, STEPS, MINUTES, LR, SHADE, EXTRA override the defaults; EXTRA adds trainer options, e.g.
+#   (RUN, STEPS, MINUTES, LR, SHADE, RIM, EXTRA override the defaults; RIM is the rim width in pixels (2); EXTRA adds trainer options, e.g.
 #   "--separation-weight 0.5 --separation-margin 1.0" for the eighth run's recipe)
 # INIT: the model folder to start from (default: the shipped one). Session 12 started from the seventh model:
 #   git archive f2afe38^ src/diffusers_conceptexpress/toyworld/model | tar -x -C /tmp/x
@@ -22,7 +22,7 @@ D="$R/${RUN:-v10}"  # RUN names another run (copy v10/pool.pt there to skip the 
 mkdir -p "$D"
 # shellcheck disable=SC2086
 python -m diffusers_conceptexpress.toyworld.train --run-dir "$D" --from-model $M --unet-init $M --stages pool,unet \
-    --pool 12000 --pool-workers 2 --rim 2 --stripe-shade "${SHADE:-0.8}" --unet-arch attn-32-16 \
+    --pool 12000 --pool-workers 2 --rim "${RIM:-2}" --stripe-shade "${SHADE:-0.8}" --unet-arch attn-32-16 \
     --unet-weighting noise-level --unet-lr "${LR:-3e-4}" --eot-weight 0.2 --compound-prob 0.4 --coherence-weight 1.0 \
     --coherence-distance 0.05 --coherence-objects-only --diag-every 0 --threads 2 --device cpu --group-weight 0.25 \
     --unet-steps "${STEPS:-600}" --unet-minutes "${MINUTES:-35}" --snapshot-steps 150,300,450,600 ${EXTRA:-}

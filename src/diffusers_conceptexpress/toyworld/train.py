@@ -22,7 +22,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    that object's latent cells (``single_object_conditioning``); ``--eot-weight`` adds, on a second small batch of
    clean latents at t = 0 with the empty prompt (the localization pass), a hinge loss that makes the [EOT]
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
-   labels); ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its
+   labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first among
+   the same colour's other shapes by the masked loss (``shape_contrast_loss``); ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its
    own object or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
    ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
@@ -637,25 +638,48 @@ def object_phrases(caption: str) -> list[list[str]]:
     return [phrase.removeprefix("a ").split() for phrase in body.split(" and ")]
 
 
-def _object_slots(tokenizer, text, ids: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
-    """The one-slot form of every object of every caption: per caption, the slot index of each of its objects
-    (caption order), and the slots' input embeddings (S, d), each the sum of its object's word embeddings."""
-    table = text.get_input_embeddings()
+def _distinct_objects(tokenizer, ids: torch.Tensor) -> tuple[list[list[int]], list[tuple[str, ...]]]:
+    """Per caption, the index of each of its objects (caption order) among the distinct objects of all
+    captions, and those objects' words (("red", "circle"), ("blue", "striped", "star"), ...)."""
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    rows, slot_of, per_caption = [], {}, []
+    keys, slot_of, per_caption = [], {}, []
     for row in ids.tolist():
         words = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in row if i not in special]
         slots = []
         for phrase in object_phrases(" ".join(words)):
             key = tuple(phrase)
             if key not in slot_of:
-                slot_of[key] = len(rows)
-                rows.append(
-                    table.weight[tokenizer(" ".join(phrase), add_special_tokens=False).input_ids].sum(0)
-                )
+                slot_of[key] = len(keys)
+                keys.append(key)
             slots.append(slot_of[key])
         per_caption.append(slots)
-    return per_caption, torch.stack(rows)
+    return per_caption, keys
+
+
+def _slot_rows(tokenizer, text, phrases) -> torch.Tensor:
+    """(S, d): each phrase's one-slot input embedding, the sum of its word embeddings."""
+    table = text.get_input_embeddings()
+    return torch.stack(
+        [
+            table.weight[tokenizer(" ".join(phrase), add_special_tokens=False).input_ids].sum(0)
+            for phrase in phrases
+        ]
+    )
+
+
+def _object_slots(tokenizer, text, ids: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+    """The one-slot form of every object of every caption: per caption, the slot index of each of its objects
+    (caption order), and the slots' input embeddings (S, d), each the sum of its object's word embeddings."""
+    per_caption, keys = _distinct_objects(tokenizer, ids)
+    return per_caption, _slot_rows(tokenizer, text, keys)
+
+
+def _caption_index(per_caption: list[list[int]]) -> torch.Tensor:
+    """(N, max objects) long: the distinct-object row of caption n's k-th object, -1 past its last object."""
+    index = torch.full((len(per_caption), max(map(len, per_caption))), -1, dtype=torch.long)
+    for n, slots in enumerate(per_caption):
+        index[n, : len(slots)] = torch.tensor(slots)
+    return index
 
 
 def _encode_with_slots(
@@ -720,10 +744,59 @@ def single_object_conditioning(tokenizer, text, ids: torch.Tensor) -> tuple[torc
     """
     per_caption, rows = _object_slots(tokenizer, text, ids)
     states = _encode_with_slots(tokenizer, text, [[s] for s in range(rows.shape[0])], rows, ids.shape[1], 512)
-    index = torch.full((len(per_caption), max(map(len, per_caption))), -1, dtype=torch.long)
-    for n, slots in enumerate(per_caption):
-        index[n, : len(slots)] = torch.tensor(slots)
-    return states, index
+    return states, _caption_index(per_caption)
+
+
+@torch.no_grad()
+def shape_contrast_conditioning(
+    tokenizer, text, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The single-concept learning prompt "a photo of <x>" of every object, and of the same object with each
+    other shape: the candidates of ``shape_contrast_loss``.
+
+    For "a red striped heart" the candidates are the slots red + striped + {circle, square, ..., heart}, in
+    the order of ``SHAPES``; the one with the object's own shape is its truth.
+
+    Args:
+        ids: (N, 77) token ids of template captions (padded).
+
+    Returns:
+        states: (S, len(SHAPES), 77, d) float16 last hidden states, one row per distinct object;
+        index: (N, max objects) long, the row of ``states`` of caption n's k-th object (caption order), -1
+        where caption n has fewer objects;
+        truth: (S,) long, the position of each object's own shape among the candidates.
+    """
+    per_caption, keys = _distinct_objects(tokenizer, ids)
+    phrases = [(*key[:-1], shape) for key in keys for shape in SHAPES]
+    rows = _slot_rows(tokenizer, text, phrases)
+    states = _encode_with_slots(tokenizer, text, [[s] for s in range(len(phrases))], rows, ids.shape[1], 512)
+    truth = torch.tensor([SHAPES.index(key[-1]) for key in keys])
+    return states.view(len(keys), len(SHAPES), *states.shape[1:]), _caption_index(per_caption), truth
+
+
+def shape_contrast_loss(
+    pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the object's own shape among its candidate slots, scored by the method's masked loss.
+
+    The learned token of ConceptExpress lands where the masked epsilon error inside its concept's mask is
+    lowest. On the eleventh model a heart's pixels were explained better by the slot "colour + circle" than by
+    "colour + heart" (docs/toyworld.md, eleventh model, item 6), so the learned tokens of hearts drew circles.
+    This loss asks the UNet to rank the true slot first: the logits are minus the summed squared error inside
+    the mask (the log-likelihood of a Gaussian denoiser, up to the noise level's weight), the same noisy latent
+    and noise for every candidate.
+
+    Args:
+        pred: (B, C, 4, h, w) noise predictions, candidate c conditioned on "a photo of <colour + shape c>".
+        eps: (B, 4, h, w) the noise.
+        mask: (B, 1, h, w) the object's latent mask.
+        truth: (B,) long, the own shape's candidate.
+    Returns:
+        the mean cross-entropy, and the share of the batch whose own shape has the lowest error.
+    """
+    sse = (((pred - eps[:, None]) ** 2) * mask[:, None]).sum(dim=(2, 3, 4))
+    logits = -sse / temperature
+    return F.cross_entropy(logits, truth), (logits.argmax(1) == truth).float().mean()
 
 
 def object_latent_masks(labels: torch.Tensor, objects: torch.Tensor, size: int = LATENT) -> torch.Tensor:
@@ -995,6 +1068,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         if labels is None:
             raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
         singles, single_index = single_object_conditioning(tokenizer, text, ids)
+    contrast = contrast_index = contrast_truth = None
+    if args.contrast_weight > 0:
+        if labels is None:
+            raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
+        contrast, contrast_index, contrast_truth = shape_contrast_conditioning(tokenizer, text, ids)
+        contrast = contrast.to(device)
     eot_recorder = None
     if (
         args.eot_weight > 0
@@ -1074,6 +1153,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         log(stage="unet", step=step, snapshot=str(folder))
 
     losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
+    contrast_losses, contrast_hits = [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -1152,6 +1232,40 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 loss = loss + args.separation_weight * separation
                 separation_losses.append(separation.item())
             eot_recorder.reset()
+        if contrast is not None:
+            # one object of each of a few scenes, denoised under its own slot and under the slots of the
+            # other shapes (same colour and texture, same noisy latent): rank its own shape first (own draws)
+            b = args.contrast_batch
+            idx_c = torch.randint(0, n, (b,), generator=g)
+            flip_c = torch.rand(b, generator=g) < 0.5
+            k_c = (torch.rand(b, generator=g) * (contrast_index[idx_c] >= 0).sum(1)).long()
+            lab_c = torch.where(flip_c[:, None, None], labels[idx_c].flip(-1), labels[idx_c])
+            mask_c = object_latent_masks(lab_c, k_c).to(device)
+            rows_c = contrast_index[idx_c, k_c]
+            z_c = latents[idx_c.to(device)].float()
+            z_c = torch.where(flip_c.to(device)[:, None, None, None], z_c.flip(-1), z_c)
+            t_c = torch.randint(0, 1000, (b,), generator=g).to(device)
+            eps_c = torch.randn(z_c.shape, generator=g).to(device)
+            zt_c = (
+                acp[t_c].sqrt()[:, None, None, None] * z_c
+                + (1 - acp[t_c]).sqrt()[:, None, None, None] * eps_c
+            )
+            m = len(SHAPES)
+            pred_c = unet(
+                zt_c.repeat_interleave(m, 0),
+                t_c.repeat_interleave(m, 0),
+                encoder_hidden_states=contrast[rows_c.to(device)].flatten(0, 1).float(),
+            ).sample
+            contrast_loss, hit = shape_contrast_loss(
+                pred_c.view(b, m, *pred_c.shape[1:]),
+                eps_c,
+                mask_c,
+                contrast_truth[rows_c].to(device),
+                args.contrast_temperature,
+            )
+            loss = loss + args.contrast_weight * contrast_loss
+            contrast_losses.append(contrast_loss.item())
+            contrast_hits.append(hit.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -1178,8 +1292,17 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                     if separation_losses
                     else {}
                 ),
+                **(
+                    {
+                        "contrast_loss": round(float(np.mean(contrast_losses)), 4),
+                        "contrast_top1": round(float(np.mean(contrast_hits)), 3),
+                    }
+                    if contrast_losses
+                    else {}
+                ),
             )
             losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
+            contrast_losses, contrast_hits = [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if step in snapshots:
@@ -1386,6 +1509,22 @@ def main(argv: list[str] | None = None) -> None:
         help='share of captions given as the method\'s single-concept learning prompt "a photo of <x_k>" for '
         "one object k of the scene, with the loss masked to that object's latent cells "
         "(single_object_conditioning; needs a pool with labels)",
+    )
+    p.add_argument(
+        "--contrast-weight",
+        type=float,
+        default=0.0,
+        help="weight of the shape-contrast loss (shape_contrast_loss): an object's own slot must explain its "
+        "masked pixels better than the slots of the other shapes in its colour (needs a pool with labels)",
+    )
+    p.add_argument(
+        "--contrast-batch", type=int, default=4, help="objects per step of the shape-contrast loss"
+    )
+    p.add_argument(
+        "--contrast-temperature",
+        type=float,
+        default=1.0,
+        help="the shape-contrast logits are minus the summed squared error inside the mask over this",
     )
     p.add_argument(
         "--compound-prob",

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Thirteenth toy-world UNet trial (session 20; docs/toyworld.md, "Thirteenth run"): the shape-contrast loss.
+# On the shipped eleventh model a heart's pixels are explained better (by the method's masked loss) by the
+# one-slot prompt "colour + circle" or "colour + square" than by "colour + heart", so the learned tokens of
+# hearts draw circles and squares (docs/toyworld.md, eleventh model, items 4 and 6). shape_contrast_loss asks
+# the UNet to rank an object's own slot first among the six shapes of its colour and texture, by the summed
+# squared error inside the object's latent mask (same noisy latent and noise for every candidate).
+# A fine-tune of the shipped eleventh model with its own recipe (the tenth trial's plus the separation loss) on
+# the fourth world (the shipped one), plus --contrast-weight; 2-core CPU.
+# Usage: bash scripts/train_contrast_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v13/snapshots/step<N>/ (UNet folders)
+#   (STEPS, MINUTES, WEIGHT override the defaults)
+set -euo pipefail
+RUN=${RUN:-v13} STEPS=${STEPS:-600} MINUTES=${MINUTES:-50} \
+    EXTRA="--separation-weight 0.5 --separation-margin 1.0 --contrast-weight ${WEIGHT:-0.1} --contrast-batch 4" \
+    bash scripts/train_stripes_cpu.sh "${1:-.toyworld-runs}"

@@ -315,19 +315,20 @@ def test_single_object_conditioning_is_the_one_concept_learning_prompt(offline):
     assert not torch.allclose(states[0].float(), states[1].float(), atol=1e-2)
 
 
-def test_shape_contrast_conditioning_swaps_only_the_shape(offline):
+def test_slot_contrast_conditioning_swaps_only_the_shape_or_the_colour(offline):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from diffusers_conceptexpress.toyworld.train import (
-        shape_contrast_conditioning,
+        contrast_candidates,
         single_object_conditioning,
+        slot_contrast_conditioning,
     )
 
     tok = CLIPTokenizer.from_pretrained(model_path(), subfolder="tokenizer")
     text = CLIPTextModel.from_pretrained(model_path(), subfolder="text_encoder").eval()
     captions = ["a photo of a red heart and a blue striped star", "a photo of a blue striped star"]
     ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    states, index, truth = shape_contrast_conditioning(tok, text, ids)
+    states, index, truth = slot_contrast_conditioning(tok, text, ids)
     singles, single_index = single_object_conditioning(tok, text, ids)
     assert states.shape == (2, len(SHAPES), 77, 64) and torch.equal(index, single_index)
     assert truth.tolist() == [SHAPES.index("heart"), SHAPES.index("star")]
@@ -337,10 +338,18 @@ def test_shape_contrast_conditioning_swaps_only_the_shape(offline):
     red_circle = tok(["a photo of a red circle"], padding="max_length", max_length=77, return_tensors="pt")
     circle, _ = single_object_conditioning(tok, text, red_circle.input_ids)
     assert torch.equal(states[0, SHAPES.index("circle")], circle[0])
+    # with the colours: the same first candidates, then the 7 other colours of the same striped star
+    both, _, truth_both = slot_contrast_conditioning(tok, text, ids, swap=("shape", "colour"))
+    assert both.shape == (2, len(SHAPES) + 7, 77, 64) and torch.equal(truth_both, truth)
+    assert torch.equal(both[:, : len(SHAPES)], states)
+    star = contrast_candidates(("blue", "striped", "star"), ("shape", "colour"))
+    assert star[len(SHAPES) :] == [(c, "striped", "star") for c in COLORS if c != "blue"]
+    with pytest.raises(ValueError, match="swap"):
+        contrast_candidates(("red", "heart"), ("colour",))
 
 
-def test_shape_contrast_loss_ranks_the_candidate_with_the_lowest_masked_error():
-    from diffusers_conceptexpress.toyworld.train import shape_contrast_loss
+def test_slot_contrast_loss_ranks_the_candidate_with_the_lowest_masked_error():
+    from diffusers_conceptexpress.toyworld.train import slot_contrast_loss
 
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(2, 4, 8, 8, generator=g)
@@ -349,15 +358,15 @@ def test_shape_contrast_loss_ranks_the_candidate_with_the_lowest_masked_error():
     pred = eps[:, None].repeat(1, 3, 1, 1, 1) + 0.5  # every candidate off by 0.5 everywhere ...
     pred[0, 2] = eps[0]  # ... but scene 0's candidate 2 is exact
     pred[1, 0, :, 2:6, 2:6] = eps[1, :, 2:6, 2:6]  # and scene 1's candidate 0 is exact INSIDE the mask only
-    loss, top1 = shape_contrast_loss(pred, eps, mask, torch.tensor([2, 0]))
+    loss, top1 = slot_contrast_loss(pred, eps, mask, torch.tensor([2, 0]))
     assert top1.item() == 1.0
     # the others' summed squared error inside the 4x4x4 mask is 64 x 0.25 = 16: logits (16 apart) -> ~e^-16
     assert loss.item() < 1e-6
-    loss, top1 = shape_contrast_loss(pred, eps, mask, torch.tensor([1, 1]))
+    loss, top1 = slot_contrast_loss(pred, eps, mask, torch.tensor([1, 1]))
     assert top1.item() == 0.0 and loss.item() > 15.0
     # outside the mask nothing counts: scene 1's candidate 0, off by 0.5 there, scores as scene 0's exact one
     # (both 0 against 16 for the others: logits 1 apart at temperature 16)
-    loss, _ = shape_contrast_loss(pred, eps, mask, torch.tensor([2, 0]), temperature=16.0)
+    loss, _ = slot_contrast_loss(pred, eps, mask, torch.tensor([2, 0]), temperature=16.0)
     assert abs(loss.item() - float(torch.log(1 + 2 * torch.exp(torch.tensor(-1.0))))) < 1e-5
 
 

@@ -22,9 +22,10 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    that object's latent cells (``single_object_conditioning``); ``--eot-weight`` adds, on a second small batch of
    clean latents at t = 0 with the empty prompt (the localization pass), a hinge loss that makes the [EOT]
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
-   labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first among
-   the same colour's other shapes by the masked loss (``shape_contrast_loss``); ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its
-   own object or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it
+   labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first by the
+   masked loss among the same object with the other shapes (and, with ``--contrast-swap shape,colour``, the
+   other colours) (``slot_contrast_loss``); ``--group-weight`` adds, on the same pass, a hinge that keeps
+   each cell's self-attention on its own object or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it
    logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
    ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
@@ -747,37 +748,60 @@ def single_object_conditioning(tokenizer, text, ids: torch.Tensor) -> tuple[torc
     return states, _caption_index(per_caption)
 
 
-@torch.no_grad()
-def shape_contrast_conditioning(
-    tokenizer, text, ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The single-concept learning prompt "a photo of <x>" of every object, and of the same object with each
-    other shape: the candidates of ``shape_contrast_loss``.
+CONTRAST_SWAPS = ("shape", "colour")
 
-    For "a red striped heart" the candidates are the slots red + striped + {circle, square, ..., heart}, in
-    the order of ``SHAPES``; the one with the object's own shape is its truth.
+
+def contrast_candidates(words: tuple[str, ...], swap: tuple[str, ...] = ("shape",)) -> list[tuple[str, ...]]:
+    """An object's words with its shape, or its colour, replaced by every other one: the candidates of
+    ``slot_contrast_loss``.
+
+    The own object comes at the position of its shape among ``SHAPES`` (the first ``len(SHAPES)`` candidates
+    are the object's colour and texture with every shape, in that order); with "colour" in ``swap`` the
+    object's shape and texture with every OTHER colour follow, in the order of ``COLORS``. So every object has
+    the same number of candidates: 6 for ("shape",), 13 for ("shape", "colour").
+
+    >>> contrast_candidates(("red", "striped", "heart"))[:2]
+    [('red', 'striped', 'circle'), ('red', 'striped', 'square')]
+    """
+    unknown = set(swap) - set(CONTRAST_SWAPS)
+    if unknown or "shape" not in swap:
+        raise ValueError(f"swap must hold 'shape' and may hold 'colour' (got {swap!r})")
+    colour, rest = words[0], words[1:-1]
+    found = [(colour, *rest, shape) for shape in SHAPES]
+    if "colour" in swap:
+        found += [(other, *rest, words[-1]) for other in COLORS if other != colour]
+    return found
+
+
+@torch.no_grad()
+def slot_contrast_conditioning(
+    tokenizer, text, ids: torch.Tensor, swap: tuple[str, ...] = ("shape",)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The single-concept learning prompt "a photo of <x>" of every object, and of its ``contrast_candidates``
+    (the same object with another shape, or another colour): the candidates of ``slot_contrast_loss``.
 
     Args:
         ids: (N, 77) token ids of template captions (padded).
+        swap: ("shape",) or ("shape", "colour"): what the candidates change.
 
     Returns:
-        states: (S, len(SHAPES), 77, d) float16 last hidden states, one row per distinct object;
+        states: (S, C, 77, d) float16 last hidden states, one row per distinct object, C candidates each;
         index: (N, max objects) long, the row of ``states`` of caption n's k-th object (caption order), -1
         where caption n has fewer objects;
-        truth: (S,) long, the position of each object's own shape among the candidates.
+        truth: (S,) long, the position of each object's own slot among its candidates.
     """
     per_caption, keys = _distinct_objects(tokenizer, ids)
-    phrases = [(*key[:-1], shape) for key in keys for shape in SHAPES]
+    phrases = [c for key in keys for c in contrast_candidates(key, swap)]
     rows = _slot_rows(tokenizer, text, phrases)
     states = _encode_with_slots(tokenizer, text, [[s] for s in range(len(phrases))], rows, ids.shape[1], 512)
     truth = torch.tensor([SHAPES.index(key[-1]) for key in keys])
-    return states.view(len(keys), len(SHAPES), *states.shape[1:]), _caption_index(per_caption), truth
+    return states.view(len(keys), -1, *states.shape[1:]), _caption_index(per_caption), truth
 
 
-def shape_contrast_loss(
+def slot_contrast_loss(
     pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the object's own shape among its candidate slots, scored by the method's masked loss.
+    """Cross-entropy of the object's own slot among its candidate slots, scored by the method's masked loss.
 
     The learned token of ConceptExpress lands where the masked epsilon error inside its concept's mask is
     lowest. On the eleventh model a heart's pixels were explained better by the slot "colour + circle" than by
@@ -787,12 +811,12 @@ def shape_contrast_loss(
     and noise for every candidate.
 
     Args:
-        pred: (B, C, 4, h, w) noise predictions, candidate c conditioned on "a photo of <colour + shape c>".
+        pred: (B, C, 4, h, w) noise predictions, candidate c conditioned on "a photo of <candidate c>".
         eps: (B, 4, h, w) the noise.
         mask: (B, 1, h, w) the object's latent mask.
-        truth: (B,) long, the own shape's candidate.
+        truth: (B,) long, the own slot's candidate.
     Returns:
-        the mean cross-entropy, and the share of the batch whose own shape has the lowest error.
+        the mean cross-entropy, and the share of the batch whose own slot has the lowest error.
     """
     sse = (((pred - eps[:, None]) ** 2) * mask[:, None]).sum(dim=(2, 3, 4))
     logits = -sse / temperature
@@ -1072,7 +1096,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     if args.contrast_weight > 0:
         if labels is None:
             raise SystemExit(f"{run_dir / 'pool.pt'} has no object labels: delete it to rebuild the pool")
-        contrast, contrast_index, contrast_truth = shape_contrast_conditioning(tokenizer, text, ids)
+        contrast, contrast_index, contrast_truth = slot_contrast_conditioning(
+            tokenizer, text, ids, tuple(args.contrast_swap.split(","))
+        )
         contrast = contrast.to(device)
     eot_recorder = None
     if (
@@ -1250,13 +1276,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 acp[t_c].sqrt()[:, None, None, None] * z_c
                 + (1 - acp[t_c]).sqrt()[:, None, None, None] * eps_c
             )
-            m = len(SHAPES)
+            m = contrast.shape[1]
             pred_c = unet(
                 zt_c.repeat_interleave(m, 0),
                 t_c.repeat_interleave(m, 0),
                 encoder_hidden_states=contrast[rows_c.to(device)].flatten(0, 1).float(),
             ).sample
-            contrast_loss, hit = shape_contrast_loss(
+            contrast_loss, hit = slot_contrast_loss(
                 pred_c.view(b, m, *pred_c.shape[1:]),
                 eps_c,
                 mask_c,
@@ -1514,17 +1540,21 @@ def main(argv: list[str] | None = None) -> None:
         "--contrast-weight",
         type=float,
         default=0.0,
-        help="weight of the shape-contrast loss (shape_contrast_loss): an object's own slot must explain its "
+        help="weight of the slot-contrast loss (slot_contrast_loss): an object's own slot must explain its "
         "masked pixels better than the slots of the other shapes in its colour (needs a pool with labels)",
     )
     p.add_argument(
-        "--contrast-batch", type=int, default=4, help="objects per step of the shape-contrast loss"
+        "--contrast-swap",
+        default="shape",
+        choices=["shape", "shape,colour"],
+        help="the contrast's candidates: the object with every other shape, and also with every other colour",
     )
+    p.add_argument("--contrast-batch", type=int, default=4, help="objects per step of the slot-contrast loss")
     p.add_argument(
         "--contrast-temperature",
         type=float,
         default=1.0,
-        help="the shape-contrast logits are minus the summed squared error inside the mask over this",
+        help="the slot-contrast logits are minus the summed squared error inside the mask over this",
     )
     p.add_argument(
         "--compound-prob",

@@ -25,9 +25,10 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first by the
    masked loss among the same object with the other shapes (and, with ``--contrast-swap shape,colour``, the
    other colours) (``slot_contrast_loss``); ``--group-weight`` adds, on the same pass, a hinge that keeps
-   each cell's self-attention on its own object or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it
-   logs the attention diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background
-   ratio and k-means (true K) mIoU from the method's own ``localize_concepts``.
+   each cell's self-attention on its own object or on the background (``self_attention_grouping_loss``).
+   Every ``--diag-every`` steps it logs the attention diagnostics on fixed held-out scenes: the empty
+   prompt's [EOT] object/background ratio and k-means (true K) mIoU from the method's own
+   ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
 
 Example (the shipped model)::

@@ -837,6 +837,36 @@ def object_latent_masks(labels: torch.Tensor, objects: torch.Tensor, size: int =
     return (F.interpolate(hit, size=(size, size), mode="area") > 0.5).float()
 
 
+def _flipped(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(B, ...) with item b mirrored left-right where ``flip[b]`` (the pool's horizontal-flip augmentation)."""
+    return torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+
+
+def _noised(
+    alphas_cumprod: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """(B, 4, h, w): the forward process at timesteps ``t``, sqrt(acp) z0 + sqrt(1 - acp) eps."""
+    a = alphas_cumprod[t].sqrt()[:, None, None, None]
+    s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
+    return a * z0 + s * eps
+
+
+def _pick_objects(
+    index: torch.Tensor, labels: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One object k of each scene, uniformly among its objects (one draw from ``g``), and its latent mask.
+
+    Args:
+        index: (B, max objects) the scenes' rows of a ``_caption_index`` (-1 past their last object).
+        labels: (B, H, W) the scenes' label maps, flipped as their latents are.
+    Returns:
+        k (B,) long, and ``object_latent_masks`` of those objects, (B, 1, 32, 32).
+    """
+    count = (index >= 0).sum(1)
+    k = (torch.rand(len(index), generator=g) * count).long().clamp(max=index.shape[1] - 1)
+    return k, object_latent_masks(labels, k)
+
+
 def segment_shares(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) integer label maps -> (B, segments, h, w): the share of each cell of an h x w grid that each
     segment (0 = background, i + 1 = object i) covers; H and W multiples of h and w."""
@@ -1185,7 +1215,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
         flip = (torch.rand(args.unet_batch, generator=g) < 0.5).to(device)
-        z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+        z0 = _flipped(z0, flip)
         c = cond[idx.to(device)].float()
         drop = (torch.rand(args.unet_batch, generator=g) < 0.1).to(device)
         if compound is not None:  # the learning-prompt form of the caption (its own draw: old runs unchanged)
@@ -1195,10 +1225,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         single = None
         if singles is not None:
             # the single-concept learning form: one object's slot, its loss masked to that object (own draws)
-            count = (single_index[idx] >= 0).sum(1)
-            k = (torch.rand(args.unet_batch, generator=g) * count).long().clamp(max=single_index.shape[1] - 1)
-            lab = torch.where(flip.cpu()[:, None, None], labels[idx].flip(-1), labels[idx])
-            object_mask = object_latent_masks(lab, k)
+            k, object_mask = _pick_objects(single_index[idx], _flipped(labels[idx], flip.cpu()), g)
             single = (torch.rand(args.unet_batch, generator=g) < args.single_prob) & ~drop.cpu()
             single = (single & (object_mask.sum((1, 2, 3)) > 0)).to(device)
             object_mask = object_mask.to(device)
@@ -1207,9 +1234,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         t_cpu = torch.randint(0, 1000, (args.unet_batch,), generator=g)
         t = t_cpu.to(device)
         eps = torch.randn(z0.shape, generator=g).to(device)
-        a = acp[t].sqrt()[:, None, None, None]
-        s = (1 - acp[t]).sqrt()[:, None, None, None]
-        zt = a * z0 + s * eps
+        zt = _noised(acp, z0, t, eps)
         lr = args.unet_lr * min(1.0, (step + 1) / 200)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -1231,8 +1256,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             idx_e = torch.randint(0, n, (args.eot_batch,), generator=g)
             flip_e = torch.rand(args.eot_batch, generator=g) < 0.5
             z_e = latents[idx_e.to(device)].float()
-            z_e = torch.where(flip_e.to(device)[:, None, None, None], z_e.flip(-1), z_e)
-            lab_e = torch.where(flip_e[:, None, None], labels[idx_e].flip(-1), labels[idx_e]).to(device)
+            z_e = _flipped(z_e, flip_e.to(device))
+            lab_e = _flipped(labels[idx_e], flip_e).to(device)
             eot_recorder.reset()
             with capture_attention(unet, eot_recorder):
                 t0_e = torch.zeros(args.eot_batch, dtype=torch.long, device=device)
@@ -1265,18 +1290,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             b = args.contrast_batch
             idx_c = torch.randint(0, n, (b,), generator=g)
             flip_c = torch.rand(b, generator=g) < 0.5
-            k_c = (torch.rand(b, generator=g) * (contrast_index[idx_c] >= 0).sum(1)).long()
-            lab_c = torch.where(flip_c[:, None, None], labels[idx_c].flip(-1), labels[idx_c])
-            mask_c = object_latent_masks(lab_c, k_c).to(device)
+            k_c, mask_c = _pick_objects(contrast_index[idx_c], _flipped(labels[idx_c], flip_c), g)
+            mask_c = mask_c.to(device)
             rows_c = contrast_index[idx_c, k_c]
-            z_c = latents[idx_c.to(device)].float()
-            z_c = torch.where(flip_c.to(device)[:, None, None, None], z_c.flip(-1), z_c)
+            z_c = _flipped(latents[idx_c.to(device)].float(), flip_c.to(device))
             t_c = torch.randint(0, 1000, (b,), generator=g).to(device)
             eps_c = torch.randn(z_c.shape, generator=g).to(device)
-            zt_c = (
-                acp[t_c].sqrt()[:, None, None, None] * z_c
-                + (1 - acp[t_c]).sqrt()[:, None, None, None] * eps_c
-            )
+            zt_c = _noised(acp, z_c, t_c, eps_c)
             m = contrast.shape[1]
             pred_c = unet(
                 zt_c.repeat_interleave(m, 0),

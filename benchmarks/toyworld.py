@@ -26,8 +26,9 @@ result, masks, learned embeddings and its generations tiled in one PNG per gener
 for older records, regenerated from the embeddings. So an interrupted run resumes where it stopped, also in a
 later session; ``--shard K/N`` splits the scenes over parallel processes (or ``--claim``: processes started
 with the same command take the scenes one at a time) and ``--summarize-only`` tabulates the scenes whose
-every variant is recorded. The summary goes to ``benchmarks/results/toyworld.json`` and, with
-``--update-docs``, into docs/benchmarks.md between the ``toyworld-benchmark`` markers.
+every variant is recorded. The summary goes to ``--out`` (default ``benchmarks/results/toyworld.json``; worker
+runs, with ``--claim`` or a shard, write none unless ``--out`` is given) and, with ``--update-docs``, into
+docs/benchmarks.md between the ``toyworld-benchmark`` markers.
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ def localizer_pictures(pipe, items, out: Path, world=None) -> None:
 
 # ----------------------------------------------------------------------------- 2. extraction
 RECORDS = Path("benchmarks/results/toyworld_extraction")
+OUT = Path("benchmarks/results/toyworld.json")
 
 
 def _variant_dir(variant: str) -> str:
@@ -592,7 +594,12 @@ def main() -> None:
     p.add_argument(
         "--records", default=str(RECORDS), help="per-extraction records (committed; one folder per model)"
     )
-    p.add_argument("--out", default="benchmarks/results/toyworld.json")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"summary JSON (default {OUT}; a worker run, --claim or a --shard other than 0/1, writes "
+        "none unless given, so that it never replaces the committed summary with its part)",
+    )
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     add_world_arguments(p)
     args = p.parse_args()
@@ -607,8 +614,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     items = scenes(args.scenes, args.seed_start)
     parts = args.parts.split(",")
-    out = Path(args.out)
-    summary = json.loads(out.read_text()) if out.is_file() else {}
+    worker = args.claim or args.shard != "0/1"
+    out = Path(args.out) if args.out else None if worker else Path(OUT)
+    summary = json.loads(out.read_text()) if out is not None and out.is_file() else {}
     if summary.get("header", {}).get("fingerprint") != fingerprint:
         summary = {}  # parts measured on other weights must not sit in this model's table
     if "localization" in parts:
@@ -653,7 +661,8 @@ def main() -> None:
         **world_changes(world),
     }
     summary["header"] = header
-    _write_json(out, summary)
+    if out is not None:
+        _write_json(out, summary)
     table = markdown(summary, header)
     print(table)
     if args.update_docs:

@@ -370,6 +370,26 @@ def test_slot_contrast_loss_ranks_the_candidate_with_the_lowest_masked_error():
     assert abs(loss.item() - float(torch.log(1 + 2 * torch.exp(torch.tensor(-1.0))))) < 1e-5
 
 
+def test_slot_contrast_hinge_is_zero_past_the_margin_and_the_error_ratio_short_of_it():
+    from diffusers_conceptexpress.toyworld.train import slot_contrast_loss
+
+    eps = torch.zeros(1, 4, 4, 4)
+    mask = torch.ones(1, 1, 4, 4)
+    # candidates off by 0.1, 0.2 and 0.4 everywhere: summed squared errors 0.64, 2.56, 10.24 (ratios 4 and 16)
+    pred = torch.stack([torch.full((4, 4, 4), v) for v in (0.1, 0.2, 0.4)])[None].requires_grad_()
+    # own slot 0 leads the next (slot 1) by log 4 = 1.386: past a margin of 1, so zero and no gradient
+    loss, top1 = slot_contrast_loss(pred, eps, mask, torch.tensor([0]), margin=1.0)
+    assert loss.item() == 0.0 and top1.item() == 1.0
+    loss.backward()
+    assert pred.grad.abs().sum().item() == 0.0
+    # short of a margin of 2: 2 - log 4
+    loss, _ = slot_contrast_loss(pred, eps, mask, torch.tensor([0]), margin=2.0)
+    assert abs(loss.item() - (2.0 - float(np.log(4.0)))) < 1e-5
+    # own slot 2 trails the best other (slot 0) by log 16: margin + log 16
+    loss, top1 = slot_contrast_loss(pred, eps, mask, torch.tensor([2]), margin=1.0)
+    assert abs(loss.item() - (1.0 + float(np.log(16.0)))) < 1e-5 and top1.item() == 0.0
+
+
 def test_object_latent_masks_put_an_object_on_the_latent_grid_as_the_method_does():
     from diffusers_conceptexpress.masks import masks_to_latent_grid
     from diffusers_conceptexpress.toyworld.train import object_latent_masks, scene_batch
@@ -401,10 +421,12 @@ def test_pool_workers_build_the_same_pool_and_snapshots_hold_the_ema(tmp_path, o
         torch.testing.assert_close(two[key], one[key], atol=2e-3, rtol=0)  # fp16 latents; the rest equal
     assert torch.equal(two["labels"], one["labels"]) and torch.equal(two["ids"], one["ids"])
     # a run cut at step 2 saves its requested snapshot and, at the end, its last step: the EMA weights
-    # (with single-concept captions, whose loss is masked to one object's latent cells)
+    # (with single-concept captions, whose loss is masked to one object's latent cells, and the slot
+    # contrast in its hinge form over shape and colour candidates)
     main(["--run-dir", str(tmp_path / "two"), "--stages", "unet", "--unet-init", shipped, "--unet-arch",
           "attn-32-16", "--unet-steps", "2", "--unet-batch", "2", "--snapshot-steps", "1",
-          "--single-prob", "0.5", *common])  # fmt: skip
+          "--single-prob", "0.5", "--contrast-weight", "0.02", "--contrast-batch", "1", "--contrast-swap",
+          "shape,colour", "--contrast-margin", "0.5", *common])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir()) == ["step1", "step2"]
     last = UNet2DConditionModel.from_pretrained(tmp_path / "two" / "snapshots" / "step2")
     ema = load_unet_checkpoint(tmp_path / "two" / "unet.pt", "ema")

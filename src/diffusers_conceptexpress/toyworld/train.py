@@ -24,11 +24,11 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
    labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first by the
    masked loss among the same object with the other shapes (and, with ``--contrast-swap shape,colour``, the
-   other colours) (``slot_contrast_loss``); ``--group-weight`` adds, on the same pass, a hinge that keeps
-   each cell's self-attention on its own object or on the background (``self_attention_grouping_loss``).
-   Every ``--diag-every`` steps it logs the attention diagnostics on fixed held-out scenes: the empty
-   prompt's [EOT] object/background ratio and k-means (true K) mIoU from the method's own
-   ``localize_concepts``.
+   other colours) (``slot_contrast_loss``; ``--contrast-margin`` makes it a hinge on the error ratio);
+   ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its own object
+   or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it logs the attention
+   diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background ratio and k-means (true K)
+   mIoU from the method's own ``localize_concepts``.
 5. ``export``: writes the diffusers folder (float32 safetensors) to ``--out``.
 
 Example (the shipped model)::
@@ -800,7 +800,12 @@ def slot_contrast_conditioning(
 
 
 def slot_contrast_loss(
-    pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, temperature: float = 1.0
+    pred: torch.Tensor,
+    eps: torch.Tensor,
+    mask: torch.Tensor,
+    truth: torch.Tensor,
+    temperature: float = 1.0,
+    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the object's own slot among its candidate slots, scored by the method's masked loss.
 
@@ -816,12 +821,22 @@ def slot_contrast_loss(
         eps: (B, 4, h, w) the noise.
         mask: (B, 1, h, w) the object's latent mask.
         truth: (B,) long, the own slot's candidate.
+        temperature: the logits are minus the summed squared error over this (cross-entropy form).
+        margin: if given, a hinge instead of the cross-entropy: per object ``relu(margin - (log e_min -
+            log e_own))``, e_own the own slot's summed squared error and e_min the lowest of the others'. It
+            is 0, with no gradient, once every other slot's error is at least ``exp(margin)`` times the own
+            one, so the loss acts only where the ranking is wrong or narrow (scale-free: a ratio of errors).
     Returns:
-        the mean cross-entropy, and the share of the batch whose own slot has the lowest error.
+        the mean loss, and the share of the batch whose own slot has the lowest error.
     """
     sse = (((pred - eps[:, None]) ** 2) * mask[:, None]).sum(dim=(2, 3, 4))
-    logits = -sse / temperature
-    return F.cross_entropy(logits, truth), (logits.argmax(1) == truth).float().mean()
+    top1 = (sse.argmin(1) == truth).float().mean()
+    if margin is None:
+        return F.cross_entropy(-sse / temperature, truth), top1
+    log_sse = torch.log(sse + 1e-8)
+    own = log_sse.gather(1, truth[:, None])[:, 0]
+    others = log_sse.scatter(1, truth[:, None], float("inf")).amin(1)
+    return F.relu(margin - (others - own)).mean(), top1
 
 
 def object_latent_masks(labels: torch.Tensor, objects: torch.Tensor, size: int = LATENT) -> torch.Tensor:
@@ -1309,6 +1324,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                 mask_c,
                 contrast_truth[rows_c].to(device),
                 args.contrast_temperature,
+                args.contrast_margin,
             )
             loss = loss + args.contrast_weight * contrast_loss
             contrast_losses.append(contrast_loss.item())
@@ -1576,6 +1592,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=1.0,
         help="the slot-contrast logits are minus the summed squared error inside the mask over this",
+    )
+    p.add_argument(
+        "--contrast-margin",
+        type=float,
+        default=None,
+        help="a hinge instead of the cross-entropy: zero once every other slot's masked error is at least "
+        "exp(MARGIN) times the own slot's (slot_contrast_loss)",
     )
     p.add_argument(
         "--compound-prob",

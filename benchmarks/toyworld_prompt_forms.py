@@ -12,7 +12,8 @@ Two measurements:
    "a photo of red circle"; and the learning form "a photo of <x>" where ``<x>`` is ONE new token whose
    embedding is the sum of the word embeddings of "red" and "circle", loaded with diffusers'
    ``load_textual_inversion`` (the ceiling of what one learned token can express through this text
-   encoder when it lands on that point).
+   encoder when it lands on that point). ``--forms`` picks some of them (``caption``, ``no-article``,
+   ``slot``); the JSON also holds the colours read per asked colour (``colours_read``).
 2. **What the masked diffusion loss can learn from** (the signal of concept learning): on ``--scenes`` fresh
    single-object scenes (seeds 30,000 + i), the epsilon MSE inside the object's mask (the method's masked
    loss) per quarter of the timestep range, with the empty prompt, the true caption, the one-slot form of the
@@ -56,23 +57,35 @@ def load_slots(pipe, striped: bool = False) -> dict[tuple[str, str], str]:
     return {(c, s): f"<slot-{c}-{s}>" for c, s in itertools.product(COLORS, SHAPES)}
 
 
+FORMS = ("caption", "no-article", "slot")
+
+
 def text_to_image(
-    pipe, slots, samples: int, seed: int, steps: int = 25, guidance: float = 5.0, striped: bool = False
+    pipe,
+    slots,
+    samples: int,
+    seed: int,
+    steps: int = 25,
+    guidance: float = 5.0,
+    striped: bool = False,
+    forms: tuple[str, ...] = FORMS,
 ) -> dict:
-    """Shape / colour / both right per prompt form, and "both" per shape (``by_shape``); with ``striped``,
-    every object of the forms is striped ("a photo of a red striped circle", the slot red + striped +
-    circle): texture is not scored."""
+    """Shape / colour / both right per prompt form, "both" per shape (``by_shape``) and the colours read per
+    asked colour (``colours_read``: asked -> read -> count); with ``striped``, every object of the forms is
+    striped ("a photo of a red striped circle", the slot red + striped + circle): texture is not scored.
+    ``forms`` picks among the training caption, the caption without the article, and the one-slot form."""
     st = "striped " if striped else ""
     plus = "+striped" if striped else ""
-    forms = {
-        f"a photo of a red {st}circle": lambda c, s: f"a photo of a {c} {st}{s}",
-        f"a photo of red {st}circle": lambda c, s: f"a photo of {c} {st}{s}",
-        f"a photo of <red{plus}+circle>": lambda c, s: f"a photo of {slots[(c, s)]}",
+    every = {
+        "caption": (f"a photo of a red {st}circle", lambda c, s: f"a photo of a {c} {st}{s}"),
+        "no-article": (f"a photo of red {st}circle", lambda c, s: f"a photo of {c} {st}{s}"),
+        "slot": (f"a photo of <red{plus}+circle>", lambda c, s: f"a photo of {slots[(c, s)]}"),
     }
     out = {}
-    for form, make in forms.items():
+    for form, make in (every[f] for f in forms):
         hits = {"shape": [], "color": [], "both": []}
         per_shape = {shape: [] for shape in SHAPES}
+        colours_read = {color: {} for color in COLORS}
         for color, shape in itertools.product(COLORS, SHAPES):
             images = pipe(
                 make(color, shape),
@@ -86,8 +99,10 @@ def text_to_image(
                 hits["color"].append(found["color"] == color)
                 hits["both"].append(found["shape"] == shape and found["color"] == color)
                 per_shape[shape].append(hits["both"][-1])
+                colours_read[color][found["color"]] = colours_read[color].get(found["color"], 0) + 1
         out[form] = {k: float(np.mean(v)) for k, v in hits.items()}
         out[form]["by_shape"] = {shape: float(np.mean(v)) for shape, v in per_shape.items()}
+        out[form]["colours_read"] = colours_read
     return out
 
 
@@ -150,8 +165,14 @@ def main() -> None:
         help="text-to-image of striped objects (slot = colour + striped + shape)",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--forms", default=",".join(FORMS), help=f"text-to-image prompt forms, comma-separated, of {FORMS}"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_prompt_forms.json"))
     args = p.parse_args()
+    forms = tuple(args.forms.split(","))
+    if set(forms) - set(FORMS):
+        raise SystemExit(f"--forms: unknown form(s) {sorted(set(forms) - set(FORMS))}; choose from {FORMS}")
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model or model_path(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -159,7 +180,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     slots = load_slots(pipe, args.striped)
     t2i = text_to_image(
-        pipe, slots, args.samples, args.seed, args.inference_steps, args.guidance, args.striped
+        pipe, slots, args.samples, args.seed, args.inference_steps, args.guidance, args.striped, forms
     )
     # part 2 scores each object's own (plain or striped) slot, which the striped-only slots are not;
     # --scenes 0 skips it (the text-to-image part alone)
@@ -171,6 +192,14 @@ def main() -> None:
     for form, r in t2i.items():
         per_shape = " | ".join(f"{r['by_shape'][s]:.0%}" for s in SHAPES)
         print(f"| {form} | {r['shape']:.0%} | {r['color']:.0%} | {r['both']:.0%} | {per_shape} |")
+    for form, r in t2i.items():
+        wrong = {
+            f"{asked}->{read}": n
+            for asked, reads in r["colours_read"].items()
+            for read, n in reads.items()
+            if read != asked
+        }
+        print(f"colours read wrong, {form}: {wrong or 'none'}")
     with atomic_file(args.out, "w") as handle:
         json.dump({"model": args.model or "shipped", "args": vars(args) | {"out": str(args.out)},
                    "text_to_image": t2i, "masked_mse": signal}, handle, indent=1)  # fmt: skip

@@ -8,8 +8,8 @@
 # A fine-tune of the shipped eleventh model with its own recipe (the tenth trial's plus the separation loss) on
 # the fourth world (the shipped one), plus --contrast-weight; 2-core CPU.
 # Usage: bash scripts/train_contrast_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v13/snapshots/step<N>/ (UNet folders)
-#   (RUN, STEPS, MINUTES, WEIGHT, SWAP, BATCH, MARGIN (the hinge form) override the defaults; the fourteenth trial, with colour candidates
-#   too (session 21, 418 steps; worse: docs/toyworld.md, "Fourteenth run"):
+#   (RUN, STEPS, MINUTES, WEIGHT, SWAP, BATCH, MARGIN (the hinge form) override the defaults; the fourteenth
+#   trial, with colour candidates too (session 21, 418 steps; worse: docs/toyworld.md, "Fourteenth run"):
 #   RUN=v14 SWAP=shape,colour BATCH=2 bash scripts/train_contrast_cpu.sh)
 # Session 20: a first attempt with WEIGHT=0.1 raised the denoising loss from 0.045 to 0.064 in 200 steps and was
 # stopped (benchmarks/results/toyworld_v13_trial/train_log_w0.1.jsonl); the trial is the run with the defaults

@@ -437,6 +437,21 @@ def shape_confusion(per_concept: list[dict]) -> dict:
     return table
 
 
+def colour_errors(per_concept: list[dict]) -> dict[str, int]:
+    """Generations whose colour was read wrong, per "object's colour->colour read": ``{"orange->yellow": 14}``.
+
+    A drift of the UNet's colours shows as one pair dominating (docs/toyworld.md, "Fourteenth run"). Rows
+    without ``read_colors`` (older summaries) or without a target object count nowhere.
+    """
+    found: dict[str, int] = {}
+    for r in per_concept:
+        for read in r.get("read_colors") or []:
+            if r.get("object_color") is not None and read != r["object_color"]:
+                key = f"{r['object_color']}->{read}"
+                found[key] = found.get(key, 0) + 1
+    return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def summarize_extraction(items, variant: str, args, records: Path, work: Path, encoder) -> dict:
     sets, seconds, samples = [], [], []
     per_concept = []  # one row per learned concept, for paired comparisons across models and variants
@@ -456,8 +471,9 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
             color = [r["color"] == truth.get("color") for r in reads]
             per_concept.append({
                 "seed": seed, "concept": k, "target": target, "texture": truth.get("texture"),
-                "object_shape": truth.get("shape"), "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
+                "object_shape": truth.get("shape"), "object_color": truth.get("color"), "images": len(reads), "both": sum(s and c for s, c in zip(shape, color, strict=True)),
                 "shape": sum(shape), "color": sum(color), "read_shapes": [r["shape"] for r in reads],
+                "read_colors": [r["color"] for r in reads],
             })  # fmt: skip
         seconds.append(result["seconds"])
         samples.append(result["unet_samples"])
@@ -475,6 +491,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "by_texture": right_by(per_concept, "texture", TEXTURES),  # striped objects are the hard ones
         "by_shape": right_by(per_concept, "object_shape", SHAPES),
         "shape_confusion": shape_confusion(per_concept),
+        "colour_errors": colour_errors(per_concept),
         "seconds": float(np.mean(seconds)),
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),

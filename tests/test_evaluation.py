@@ -402,6 +402,18 @@ def test_benchmark_record_sample_grid_round_trips_exactly(tmp_path):
         bench.unpack_samples(tmp_path / "record" / "samples.png", names, 5, tmp_path / "bad")
 
 
+def test_benchmark_colour_errors_count_each_wrong_colour_pair():
+    bench = load_benchmark("toyworld")
+    rows = [
+        {"object_color": "orange", "read_colors": ["yellow", "yellow", "orange", "yellow"]},
+        {"object_color": "red", "read_colors": ["orange", "red"]},
+        {"object_color": None, "read_colors": ["blue"]},  # mask matched no object: counts nowhere
+        {"object_color": "pink"},  # a summary from before read_colors
+    ]
+    assert bench.colour_errors(rows) == {"orange->yellow": 3, "red->orange": 1}
+    assert list(bench.colour_errors(rows)) == ["orange->yellow", "red->orange"]  # most frequent first
+
+
 def test_benchmark_shape_confusion_counts_what_each_shape_was_drawn_as():
     bench = load_benchmark("toyworld")
     rows = [

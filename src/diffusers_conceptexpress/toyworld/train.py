@@ -1578,7 +1578,7 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="weight of the slot-contrast loss (slot_contrast_loss): an object's own slot must explain its "
-        "masked pixels better than the slots of the other shapes in its colour (needs a pool with labels)",
+        "masked pixels better than its contrast candidates (--contrast-swap; needs a pool with labels)",
     )
     p.add_argument(
         "--contrast-swap",

@@ -8,7 +8,8 @@
 # A fine-tune of the shipped eleventh model with its own recipe (the tenth trial's plus the separation loss) on
 # the fourth world (the shipped one), plus --contrast-weight; 2-core CPU.
 # Usage: bash scripts/train_contrast_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v13/snapshots/step<N>/ (UNet folders)
-#   (RUN, STEPS, MINUTES, WEIGHT, SWAP, BATCH, MARGIN (the hinge form) override the defaults; the fourteenth
+#   (RUN, STEPS, MINUTES, WEIGHT, SWAP, BATCH, MARGIN (the hinge form), OWN=1 (--contrast-own-only) override the
+#   defaults; the fourteenth
 #   trial, with colour candidates too (session 21, 418 steps; worse: docs/toyworld.md, "Fourteenth run"):
 #   RUN=v14 SWAP=shape,colour BATCH=2 bash scripts/train_contrast_cpu.sh)
 # Session 20: a first attempt with WEIGHT=0.1 raised the denoising loss from 0.045 to 0.064 in 200 steps and was
@@ -17,5 +18,5 @@
 set -euo pipefail
 RUN=${RUN:-v13} STEPS=${STEPS:-600} MINUTES=${MINUTES:-45} \
     EXTRA="--separation-weight 0.5 --separation-margin 1.0 --contrast-weight ${WEIGHT:-0.02} \
-        --contrast-swap ${SWAP:-shape} --contrast-batch ${BATCH:-4} ${MARGIN:+--contrast-margin $MARGIN}" \
+        --contrast-swap ${SWAP:-shape} --contrast-batch ${BATCH:-4} ${MARGIN:+--contrast-margin $MARGIN} ${OWN:+--contrast-own-only}" \
     bash scripts/train_stripes_cpu.sh "${1:-.toyworld-runs}"

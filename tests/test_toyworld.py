@@ -390,6 +390,24 @@ def test_slot_contrast_hinge_is_zero_past_the_margin_and_the_error_ratio_short_o
     assert abs(loss.item() - (1.0 + float(np.log(16.0)))) < 1e-5 and top1.item() == 0.0
 
 
+def test_slot_contrast_own_only_has_the_same_value_and_moves_only_the_own_slot():
+    from diffusers_conceptexpress.toyworld.train import slot_contrast_loss
+
+    eps = torch.zeros(1, 4, 4, 4)
+    mask = torch.ones(1, 1, 4, 4)
+    pred = torch.stack([torch.full((4, 4, 4), v) for v in (0.1, 0.2, 0.4)])[None].requires_grad_()
+    for margin in (None, 1.0):
+        full, _ = slot_contrast_loss(pred, eps, mask, torch.tensor([2]), margin=margin)
+        (grad_full,) = torch.autograd.grad(full, pred)
+        own, _ = slot_contrast_loss(pred, eps, mask, torch.tensor([2]), margin=margin, own_only=True)
+        (grad_own,) = torch.autograd.grad(own, pred)
+        assert abs(own.item() - full.item()) < 1e-6
+        # the full loss also pushes the best other slot (0) away; own-only leaves every other slot alone
+        assert grad_full[0, 0].abs().sum() > 0 and grad_own[0, :2].abs().sum().item() == 0.0
+        # and pulls the own slot (0.4, above eps = 0) down exactly as the full loss does
+        assert torch.allclose(grad_own[0, 2], grad_full[0, 2]) and (grad_own[0, 2] > 0).all()
+
+
 def test_object_latent_masks_put_an_object_on_the_latent_grid_as_the_method_does():
     from diffusers_conceptexpress.masks import masks_to_latent_grid
     from diffusers_conceptexpress.toyworld.train import object_latent_masks, scene_batch
@@ -422,11 +440,11 @@ def test_pool_workers_build_the_same_pool_and_snapshots_hold_the_ema(tmp_path, o
     assert torch.equal(two["labels"], one["labels"]) and torch.equal(two["ids"], one["ids"])
     # a run cut at step 2 saves its requested snapshot and, at the end, its last step: the EMA weights
     # (with single-concept captions, whose loss is masked to one object's latent cells, and the slot
-    # contrast in its hinge form over shape and colour candidates)
+    # contrast in its hinge form over shape and colour candidates, own slot only)
     main(["--run-dir", str(tmp_path / "two"), "--stages", "unet", "--unet-init", shipped, "--unet-arch",
           "attn-32-16", "--unet-steps", "2", "--unet-batch", "2", "--snapshot-steps", "1",
           "--single-prob", "0.5", "--contrast-weight", "0.02", "--contrast-batch", "1", "--contrast-swap",
-          "shape,colour", "--contrast-margin", "0.5", *common])  # fmt: skip
+          "shape,colour", "--contrast-margin", "0.5", "--contrast-own-only", *common])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "two" / "snapshots").iterdir()) == ["step1", "step2"]
     last = UNet2DConditionModel.from_pretrained(tmp_path / "two" / "snapshots" / "step2")
     ema = load_unet_checkpoint(tmp_path / "two" / "unet.pt", "ema")

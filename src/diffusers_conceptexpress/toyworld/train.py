@@ -24,7 +24,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    map salient on every object and low on the background (``eot_objectness_loss``; needs a pool with
    labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first by the
    masked loss among the same object with the other shapes (and, with ``--contrast-swap shape,colour``, the
-   other colours) (``slot_contrast_loss``; ``--contrast-margin`` makes it a hinge on the error ratio);
+   other colours) (``slot_contrast_loss``; ``--contrast-margin`` makes it a hinge on the error ratio, and
+   ``--contrast-own-only`` lets it lower only the own slot's error);
    ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its own object
    or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it logs the attention
    diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background ratio and k-means (true K)
@@ -806,6 +807,7 @@ def slot_contrast_loss(
     truth: torch.Tensor,
     temperature: float = 1.0,
     margin: float | None = None,
+    own_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the object's own slot among its candidate slots, scored by the method's masked loss.
 
@@ -826,10 +828,16 @@ def slot_contrast_loss(
             log e_own))``, e_own the own slot's summed squared error and e_min the lowest of the others'. It
             is 0, with no gradient, once every other slot's error is at least ``exp(margin)`` times the own
             one, so the loss acts only where the ranking is wrong or narrow (scale-free: a ratio of errors).
+        own_only: the other candidates' errors are constants (detached): the gradient only lowers the own
+            slot's masked error, where the ranking asks for it, and never pushes the other slots' predictions
+            away from the object (the fourteenth trial's control: pushing them shifted the UNet's colours).
     Returns:
         the mean loss, and the share of the batch whose own slot has the lowest error.
     """
     sse = (((pred - eps[:, None]) ** 2) * mask[:, None]).sum(dim=(2, 3, 4))
+    if own_only:
+        own_column = F.one_hot(truth, sse.shape[1]).bool()
+        sse = torch.where(own_column, sse, sse.detach())
     top1 = (sse.argmin(1) == truth).float().mean()
     if margin is None:
         return F.cross_entropy(-sse / temperature, truth), top1
@@ -1313,18 +1321,29 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             eps_c = torch.randn(z_c.shape, generator=g).to(device)
             zt_c = _noised(acp, z_c, t_c, eps_c)
             m = contrast.shape[1]
-            pred_c = unet(
-                zt_c.repeat_interleave(m, 0),
-                t_c.repeat_interleave(m, 0),
-                encoder_hidden_states=contrast[rows_c.to(device)].flatten(0, 1).float(),
-            ).sample
+            states_c = contrast[rows_c.to(device)].float()  # (b, m, 77, d)
+            truth_c = contrast_truth[rows_c].to(device)
+            with torch.set_grad_enabled(not args.contrast_own_only):
+                pred_c = unet(
+                    zt_c.repeat_interleave(m, 0),
+                    t_c.repeat_interleave(m, 0),
+                    encoder_hidden_states=states_c.flatten(0, 1),
+                ).sample.view(b, m, *zt_c.shape[1:])
+            if (
+                args.contrast_own_only
+            ):  # the others' errors are constants: one backward pass for b samples only
+                own = torch.arange(b, device=device)
+                pred_c = pred_c.index_put(
+                    (own, truth_c), unet(zt_c, t_c, encoder_hidden_states=states_c[own, truth_c]).sample
+                )
             contrast_loss, hit = slot_contrast_loss(
-                pred_c.view(b, m, *pred_c.shape[1:]),
+                pred_c,
                 eps_c,
                 mask_c,
-                contrast_truth[rows_c].to(device),
+                truth_c,
                 args.contrast_temperature,
                 args.contrast_margin,
+                args.contrast_own_only,
             )
             loss = loss + args.contrast_weight * contrast_loss
             contrast_losses.append(contrast_loss.item())
@@ -1599,6 +1618,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="a hinge instead of the cross-entropy: zero once every other slot's masked error is at least "
         "exp(MARGIN) times the own slot's (slot_contrast_loss)",
+    )
+    p.add_argument(
+        "--contrast-own-only",
+        action="store_true",
+        help="the other slots' masked errors are constants: the slot contrast only lowers the own slot's error "
+        "(slot_contrast_loss(own_only=True); the other candidates are denoised without a graph)",
     )
     p.add_argument(
         "--compound-prob",

@@ -9,9 +9,10 @@
 # the fourth world (the shipped one), plus --contrast-weight; 2-core CPU.
 # Usage: bash scripts/train_contrast_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v13/snapshots/step<N>/ (UNet folders)
 #   (RUN, STEPS, MINUTES, WEIGHT, SWAP, BATCH, MARGIN (the hinge form), OWN=1 (--contrast-own-only) override the
-#   defaults; the fourteenth
-#   trial, with colour candidates too (session 21, 418 steps; worse: docs/toyworld.md, "Fourteenth run"):
-#   RUN=v14 SWAP=shape,colour BATCH=2 bash scripts/train_contrast_cpu.sh)
+#   defaults; the fourteenth trial, with colour candidates too (session 21, 418 steps; worse: docs/toyworld.md, "Fourteenth run"):
+#   RUN=v14 SWAP=shape,colour BATCH=2 bash scripts/train_contrast_cpu.sh; session 22's fifteenth trial, the hinge:
+#   RUN=v15 MARGIN=0.5 bash scripts/train_contrast_cpu.sh, and sixteenth, the own slot only:
+#   RUN=v16 OWN=1 MINUTES=36 bash scripts/train_contrast_cpu.sh; docs/toyworld.md, "Fifteenth run" and after)
 # Session 20: a first attempt with WEIGHT=0.1 raised the denoising loss from 0.045 to 0.064 in 200 steps and was
 # stopped (benchmarks/results/toyworld_v13_trial/train_log_w0.1.jsonl); the trial is the run with the defaults
 # below (RUN=v13b there, with the first attempt's pool): 386 steps in the 45-minute cap (7 s per step).

@@ -1329,9 +1329,8 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                     t_c.repeat_interleave(m, 0),
                     encoder_hidden_states=states_c.flatten(0, 1),
                 ).sample.view(b, m, *zt_c.shape[1:])
-            if (
-                args.contrast_own_only
-            ):  # the others' errors are constants: one backward pass for b samples only
+            if args.contrast_own_only:
+                # the others' errors are constants: the graph (and the backward pass) holds b samples only
                 own = torch.arange(b, device=device)
                 pred_c = pred_c.index_put(
                     (own, truth_c), unet(zt_c, t_c, encoder_hidden_states=states_c[own, truth_c]).sample

@@ -22,7 +22,8 @@ masked loss cannot see the shape (the flat-colour limit).
 (:func:`loss_masks_with_margin`; the same draws for every margin): a diagnostic of whether scoring the cells
 just outside the object, where a larger same-colour shape overflows, makes the true slot win.
 ``--slots colour`` keeps only the six slots of the object's own colour; ``--seeds`` and ``--shapes`` pick
-records and objects.
+records and objects; ``--model`` scores the slots with another model folder (a trial's), on the shipped
+model's records (the "learned" row is then the shipped model's token read by the trial's model).
 """
 
 from __future__ import annotations
@@ -119,9 +120,15 @@ def main() -> None:
     p.add_argument("--seeds", default=None, help="only these record seeds (comma-separated)")
     p.add_argument("--shapes", default=None, help="only objects of these shapes (comma-separated)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_loss_landscape.json"))
+    p.add_argument(
+        "--model",
+        default=None,
+        help="score the slots with this model folder (default: the shipped one); the records (masks, learned "
+        "embeddings) are still the shipped model's",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = ConceptExpressPipeline.from_pretrained(model_path())
+    pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())
     pipe.load_textual_inversion({PROBE: torch.zeros(pipe.text_encoder.config.hidden_size)})
     folder = args.records / model_fingerprint(model_path())
     margins = [int(m) for m in args.margins.split(",")]

@@ -292,6 +292,49 @@ def test_a_run_seeded_from_the_shipped_model_exports_the_same_weights(tmp_path, 
     assert not any(r.get("stage") in ("vae", "clip") and "step" in r for r in log)  # nothing retrained
 
 
+def test_rows_stage_moves_only_the_named_words_rows_and_export_carries_them(tmp_path, offline):
+    # the rows stage fine-tunes the heart's input row alone: every prompt without "heart" encodes as before
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_conceptexpress.toyworld.train import main, word_row_ids
+
+    shipped = Path(model_path())
+    out, run = tmp_path / "model", tmp_path / "run"
+    main(
+        ["--run-dir", str(run), "--from-model", str(shipped), "--unet-init", str(shipped),
+         "--stages", "pool,rows", "--pool", "16", "--unet-arch", "attn-32-16", "--rows-steps", "2",
+         "--rows-batch", "2", "--rows-log-every", "1", "--rows-lr", "1e-2"]
+    )  # fmt: skip
+    main(["--run-dir", str(run), "--unet-init", str(shipped), "--stages", "unet,export", "--unet-steps", "0",
+          "--diag-every", "0", "--unet-arch", "attn-32-16", "--pool", "16", "--out", str(out)])  # fmt: skip
+    tok = CLIPTokenizer.from_pretrained(shipped, subfolder="tokenizer")
+    heart = int(word_row_ids(tok, ["heart"])[0])
+    key = "embeddings.token_embedding.weight"
+    ours, theirs = (
+        load_file(out / "text_encoder/model.safetensors"),
+        load_file(shipped / "text_encoder/model.safetensors"),
+    )
+    changed = (ours[key] != theirs[key]).any(dim=1).nonzero()[:, 0].tolist()
+    assert changed == [heart]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k != key)
+    new, old = (
+        CLIPTextModel.from_pretrained(out / "text_encoder"),
+        CLIPTextModel.from_pretrained(shipped / "text_encoder"),
+    )
+    ids = tok(
+        ["a photo of a red circle", "a photo of a red heart"], padding="max_length", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        a, b = new(ids).last_hidden_state, old(ids).last_hidden_state
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r.get("stage") == "rows" and "step" in r]
+    assert [r["step"] for r in steps] == [1, 2] and 0 <= steps[-1]["top1"] <= 1
+    with pytest.raises(ValueError, match="toy vocabulary"):
+        word_row_ids(tok, ["dog"])
+
+
 def test_single_object_conditioning_is_the_one_concept_learning_prompt(offline):
     from transformers import CLIPTextModel, CLIPTokenizer
 

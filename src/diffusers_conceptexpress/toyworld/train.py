@@ -1432,6 +1432,10 @@ def stage_rows(args, run_dir: Path, log: Logger) -> None:
     candidates of ``slot_contrast_loss``, cross-entropy), and the scenes under their own captions (plain MSE,
     so that the words keep drawing their objects in captions); gradients reach the rows through the frozen
     text encoder. Writes ``rows.pt`` (the rows, which ``load_text_encoder`` then applies, and so ``export``).
+
+    It ranks the heart's slot first (docs/toyworld.md, "Seventeenth run") but cannot change an extraction: a
+    learned token never reads a word row, only the function (text-encoder layers and UNet) the rows are read
+    by, which this stage leaves as it was. Kept as the record of that result and for slot or caption probes.
     """
     from diffusers import DDPMScheduler
 

@@ -1470,12 +1470,10 @@ def stage_rows(args, run_dir: Path, log: Logger) -> None:
     for step in range(1, args.rows_steps + 1):
         b = args.rows_batch
         use_named = torch.rand(b, generator=g) < 0.5
-        pick = [
-            (named if use_named[i] else objects)[
-                int(torch.randint(0, len(named if use_named[i] else objects), (1,), generator=g))
-            ]
-            for i in range(b)
-        ]
+        pick = []
+        for from_named in use_named.tolist():
+            source = named if from_named else objects
+            pick.append(source[int(torch.randint(0, len(source), (1,), generator=g))])
         scene = torch.tensor([n for n, _ in pick])
         k = torch.tensor([k for _, k in pick])
         flip = torch.rand(b, generator=g) < 0.5

@@ -6,6 +6,8 @@
 # other objects' colours. The trainer's "rows" stage fine-tunes the input embedding row of "heart" ALONE
 # (UNet, text encoder and every other row frozen): the slot contrast over the six shapes plus the captions'
 # plain denoising loss, gradients through the frozen text encoder. Prompts without "heart" are unchanged.
+# Result (session 23): the heart slot ranks first, but no extraction changes: a learned token never reads a
+# word row (docs/toyworld.md, "Seventeenth run").
 # Usage: bash scripts/train_rows_cpu.sh [RUNS_DIR]   -> RUNS_DIR/$RUN/rows.pt (and snapshots/rows_step<N>.pt)
 #   (RUN, WORDS, STEPS, BATCH, LR, WEIGHT override the defaults; copy or link another run's pool.pt into the
 #   run folder to skip the pool, 12,000 scenes of the shipped world)

@@ -728,3 +728,23 @@ def test_training_batches_render_the_asked_stripes():
     dark, dark_caps = scene_batch(seeds, stripe_shade=STRIPE_SHADE - 0.25)  # the third world's 0.55
     assert torch.equal(default, same) and caps == dark_caps
     assert not torch.equal(default, dark) and (dark <= default).all()  # only the dark bands change, darker
+
+
+def test_teacher_target_starts_at_zero_distillation_and_needs_a_teacher(tmp_path, offline):
+    # --unet-target teacher: the frozen --unet-init UNet's prediction is the target, so the first step's
+    # student IS the teacher (distill_loss 0) while the plain loss against the noise is not 0
+    from diffusers_conceptexpress.toyworld.train import main
+
+    shipped = str(model_path())
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--from-model", shipped, "--pool", "8", "--diag-every", "0", "--unet-arch",
+              "attn-32-16", "--unet-batch", "2", "--unet-target", "teacher", "--unet-log-every", "1"]  # fmt: skip
+    main(["--stages", "pool", *common])
+    with pytest.raises(SystemExit, match="needs --unet-init"):
+        main(["--stages", "unet", "--unet-steps", "1", *common])
+    main(["--stages", "unet", "--unet-init", shipped, "--unet-steps", "3", "--unet-lr", "1e-2", *common])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r.get("stage") == "unet" and "distill_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["distill_loss"] == 0.0 and steps[0]["loss"] > 1e-3
+    assert 0 < steps[-1]["distill_loss"] < steps[-1]["loss"]

@@ -25,7 +25,9 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    labels); ``--contrast-weight`` adds a cross-entropy that ranks an object's own one-slot prompt first by the
    masked loss among the same object with the other shapes (and, with ``--contrast-swap shape,colour``, the
    other colours) (``slot_contrast_loss``; ``--contrast-margin`` makes it a hinge on the error ratio, and
-   ``--contrast-own-only`` lets it lower only the own slot's error);
+   ``--contrast-own-only`` lets it lower only the own slot's error); ``--unet-target teacher`` replaces the
+   noise as the denoising target by the ``--unet-init`` UNet's own prediction for the same input (a frozen
+   teacher: the fine-tune keeps the starting model's function except where the other losses move it);
    ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its own object
    or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it logs the attention
    diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background ratio and k-means (true K)
@@ -1143,6 +1145,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             levels.load_state_dict(state["levels"])
         if state.get("done") and (step >= args.unet_steps or spent >= args.unet_minutes * 60.0):
             return  # finished within this budget; a larger --unet-steps / --unet-minutes resumes it
+    teacher = None
+    if args.unet_target == "teacher":
+        if not args.unet_init:
+            raise SystemExit("--unet-target teacher needs --unet-init: the teacher is that folder's UNet")
+        teacher = make_unet(args.unet_arch).requires_grad_(False)
+        teacher.load_state_dict(_unet_init_state(args.unet_init))  # strict: the teacher is the whole UNet
+        teacher.to(device).eval()
     tokenizer, text = load_text_encoder(run_dir)
     pool = torch.load(run_dir / "pool.pt", weights_only=False)
     latents, ids, labels = pool["latents"], pool["ids"], pool.get("labels")
@@ -1244,7 +1253,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         log(stage="unet", step=step, snapshot=str(folder))
 
     losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
-    contrast_losses, contrast_hits = [], []
+    contrast_losses, contrast_hits, distill_losses = [], [], []
     while step < args.unet_steps and time.time() - t_start < budget:
         idx = torch.randint(0, n, (args.unet_batch,), generator=g)
         z0 = latents[idx.to(device)].float()
@@ -1273,7 +1282,12 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-        err = (pred - eps) ** 2
+        target = eps
+        if teacher is not None:  # the starting model's prediction for the same input
+            with torch.no_grad():
+                target = teacher(zt, t, encoder_hidden_states=c).sample
+            distill_losses.append(((pred.detach() - target) ** 2).mean().item())
+        err = (pred - target) ** 2
         mse = err.mean(dim=(1, 2, 3))
         if single is not None:  # mean over the object's latent cells: the scale of a whole-image sample
             cells = object_mask.sum(dim=(1, 2, 3)).clamp(min=1) * err.shape[1]
@@ -1366,8 +1380,9 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-        losses.append(mse.mean().item())  # plain MSE, comparable across weightings
-        if step % 50 == 0:
+        # plain MSE against the noise, comparable across weightings and targets
+        losses.append((mse if teacher is None else ((pred.detach() - eps) ** 2)).mean().item())
+        if step % args.unet_log_every == 0:
             log(
                 stage="unet",
                 step=step,
@@ -1392,9 +1407,10 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
                     if contrast_losses
                     else {}
                 ),
+                **({"distill_loss": round(float(np.mean(distill_losses)), 6)} if distill_losses else {}),
             )
             losses, eot_losses, group_losses, coherence_losses, separation_losses = [], [], [], [], []
-            contrast_losses, contrast_hits = [], []
+            contrast_losses, contrast_hits, distill_losses = [], [], []
         if args.diag_every and step % args.diag_every == 0:
             log(stage="unet", step=step, diag=diagnose(ema))
         if step in snapshots:
@@ -1660,6 +1676,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-minutes", type=float, default=75.0, help="wall-clock budget of the UNet stage")
     p.add_argument("--unet-until", default=None, help="stop the UNet stage at this UTC time, HH:MM")
     p.add_argument("--unet-batch", type=int, default=24)
+    p.add_argument(
+        "--unet-target",
+        choices=["noise", "teacher"],
+        default="noise",
+        help="the denoising loss's target: the noise (plain training), or the --unet-init UNet's prediction for "
+        "the same noisy latent, timestep and prompt (a frozen teacher; logged as distill_loss; 'loss' stays the "
+        "plain MSE against the noise)",
+    )
+    p.add_argument("--unet-log-every", type=int, default=50, help="UNet stage: steps per log line (means)")
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--unet-arch", default="attn-32-16-8", choices=UNET_ARCHS)
     p.add_argument(

@@ -732,13 +732,15 @@ def test_training_batches_render_the_asked_stripes():
 
 def test_teacher_target_starts_at_zero_distillation_and_needs_a_teacher(tmp_path, offline):
     # --unet-target teacher: the frozen --unet-init UNet's prediction is the target, so the first step's
-    # student IS the teacher (distill_loss 0) while the plain loss against the noise is not 0
+    # student IS the teacher (distill_loss 0) while the plain loss against the noise is not 0; the noise-level
+    # weights come from the noise's MSE (a per-level mean of 0 would make them NaN)
     from diffusers_conceptexpress.toyworld.train import main
 
     shipped = str(model_path())
     run = tmp_path / "run"
     common = ["--run-dir", str(run), "--from-model", shipped, "--pool", "8", "--diag-every", "0", "--unet-arch",
-              "attn-32-16", "--unet-batch", "2", "--unet-target", "teacher", "--unet-log-every", "1"]  # fmt: skip
+              "attn-32-16", "--unet-batch", "2", "--unet-target", "teacher", "--unet-log-every", "1",
+              "--unet-weighting", "noise-level"]  # fmt: skip
     main(["--stages", "pool", *common])
     with pytest.raises(SystemExit, match="needs --unet-init"):
         main(["--stages", "unet", "--unet-steps", "1", *common])

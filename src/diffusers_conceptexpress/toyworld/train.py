@@ -1111,6 +1111,20 @@ class NoiseLevelWeights:
         self.bins, self.decay, self.mean = state["bins"], state["decay"], state["mean"].clone()
 
 
+def _sample_mse(
+    pred: torch.Tensor, target: torch.Tensor, single: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-sample MSE ``(B,)`` of ``pred`` against ``target`` (both ``(B, C, H, W)``); the samples flagged in
+    ``single`` ``(B,)`` take the mean over their object's latent cells ``mask`` ``(B, 1, H, W)`` instead: the scale
+    of a whole-image sample."""
+    err = (pred - target) ** 2
+    mse = err.mean(dim=(1, 2, 3))
+    if single is not None:
+        cells = mask.sum(dim=(1, 2, 3)).clamp(min=1) * err.shape[1]
+        mse = torch.where(single, (err * mask).sum(dim=(1, 2, 3)) / cells, mse)
+    return mse
+
+
 def stage_unet(args, run_dir: Path, log: Logger) -> None:
     from diffusers import DDPMScheduler
 
@@ -1265,7 +1279,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
             pick = (torch.rand(args.unet_batch, generator=g) < args.compound_prob).to(device)
             c = torch.where(pick[:, None, None], compound[idx.to(device)].float(), c)
         c = torch.where(drop[:, None, None], empty.expand_as(c), c)
-        single = None
+        single = object_mask = None
         if singles is not None:
             # the single-concept learning form: one object's slot, its loss masked to that object (own draws)
             k, object_mask = _pick_objects(single_index[idx], _flipped(labels[idx], flip.cpu()), g)
@@ -1282,22 +1296,21 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-        target = eps
-        if teacher is not None:  # the starting model's prediction for the same input
+
+        mse = noise_mse = _sample_mse(pred, eps, single, object_mask)  # (B,)
+        if teacher is not None:  # the starting model's prediction for the same input is the target
             with torch.no_grad():
-                target = teacher(zt, t, encoder_hidden_states=c).sample
-            distill_losses.append(((pred.detach() - target) ** 2).mean().item())
-        err = (pred - target) ** 2
-        mse = err.mean(dim=(1, 2, 3))
-        if single is not None:  # mean over the object's latent cells: the scale of a whole-image sample
-            cells = object_mask.sum(dim=(1, 2, 3)).clamp(min=1) * err.shape[1]
-            inside = (err * object_mask).sum(dim=(1, 2, 3)) / cells
-            mse = torch.where(single, inside, mse)
+                taught = teacher(zt, t, encoder_hidden_states=c).sample
+            mse = _sample_mse(pred, taught, single, object_mask)
+            noise_mse = noise_mse.detach()
+            distill_losses.append(mse.mean().item())
         if levels is None:
             loss = mse.mean()
         else:
+            # the per-level statistics of whole images against the noise, whatever the target: with a teacher
+            # each sample keeps the weight plain training gives it (its expected gradient, less the noise's)
             whole = ~single.cpu() if single is not None else torch.ones(args.unet_batch, dtype=torch.bool)
-            levels.update(t_cpu[whole], mse[whole.to(device)])  # the per-level statistics of whole images
+            levels.update(t_cpu[whole], noise_mse[whole.to(device)])
             loss = (levels.weights(t_cpu).to(device) * mse).mean()
         if eot_recorder is not None:
             # clean latents, t = 0, the empty prompt: the localization pass (its own draws, after the above)
@@ -1380,8 +1393,7 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-        # plain MSE against the noise, comparable across weightings and targets
-        losses.append((mse if teacher is None else ((pred.detach() - eps) ** 2)).mean().item())
+        losses.append(noise_mse.mean().item())  # plain MSE, comparable across weightings and targets
         if step % args.unet_log_every == 0:
             log(
                 stage="unet",

@@ -730,10 +730,12 @@ def test_training_batches_render_the_asked_stripes():
     assert not torch.equal(default, dark) and (dark <= default).all()  # only the dark bands change, darker
 
 
-def test_teacher_target_starts_at_zero_distillation_and_needs_a_teacher(tmp_path, offline):
+def test_teacher_target_and_trained_parameters(tmp_path, offline):
     # --unet-target teacher: the frozen --unet-init UNet's prediction is the target, so the first step's
     # student IS the teacher (distill_loss 0) while the plain loss against the noise is not 0; the noise-level
     # weights come from the noise's MSE (a per-level mean of 0 would make them NaN)
+    from safetensors.torch import load_file
+
     from diffusers_conceptexpress.toyworld.train import main
 
     shipped = str(model_path())
@@ -744,9 +746,18 @@ def test_teacher_target_starts_at_zero_distillation_and_needs_a_teacher(tmp_path
     main(["--stages", "pool", *common])
     with pytest.raises(SystemExit, match="needs --unet-init"):
         main(["--stages", "unet", "--unet-steps", "1", *common])
-    main(["--stages", "unet", "--unet-init", shipped, "--unet-steps", "3", "--unet-lr", "1e-2", *common])
+    with pytest.raises(SystemExit, match="names no UNet parameter"):
+        main(["--stages", "unet", "--unet-init", shipped, "--unet-train", "attn9", *common])
+    # only the cross-attention's key and value projections train, moved by the slot contrast
+    main(["--stages", "unet", "--unet-init", shipped, "--unet-steps", "3", "--unet-lr", "1e-1", "--unet-train",
+          "attn2.to_k,attn2.to_v", "--snapshot-steps", "3", "--contrast-weight", "1", "--contrast-batch", "1",
+          *common])  # fmt: skip
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if r.get("stage") == "unet" and "distill_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[0]["distill_loss"] == 0.0 and steps[0]["loss"] > 1e-3
     assert 0 < steps[-1]["distill_loss"] < steps[-1]["loss"]
+    ours = load_file(run / "snapshots" / "step3" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(Path(shipped) / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = {k for k in theirs if not torch.equal(ours[k], theirs[k])}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)

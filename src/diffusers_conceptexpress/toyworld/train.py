@@ -27,7 +27,8 @@ Stages (each resumes from its last checkpoint in ``--run-dir``; a finished stage
    other colours) (``slot_contrast_loss``; ``--contrast-margin`` makes it a hinge on the error ratio, and
    ``--contrast-own-only`` lets it lower only the own slot's error); ``--unet-target teacher`` replaces the
    noise as the denoising target by the ``--unet-init`` UNet's own prediction for the same input (a frozen
-   teacher: the fine-tune keeps the starting model's function except where the other losses move it);
+   teacher: the fine-tune keeps the starting model's function except where the other losses move it), and
+   ``--unet-train`` names the only parameters it trains;
    ``--group-weight`` adds, on the same pass, a hinge that keeps each cell's self-attention on its own object
    or on the background (``self_attention_grouping_loss``). Every ``--diag-every`` steps it logs the attention
    diagnostics on fixed held-out scenes: the empty prompt's [EOT] object/background ratio and k-means (true K)
@@ -1142,7 +1143,16 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     ema.load_state_dict(unet.state_dict())
     unet.to(device)
     ema.to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    patterns = [v for v in args.unet_train.split(",") if v.strip()]
+    trained = [p for name, p in unet.named_parameters() if not patterns or any(v in name for v in patterns)]
+    if not trained:
+        raise SystemExit(
+            f"--unet-train {args.unet_train!r} names no UNet parameter (e.g. 'attn2.to_k,attn2.to_v')"
+        )
+    chosen = {id(p) for p in trained}
+    for p in unet.parameters():
+        p.requires_grad_(id(p) in chosen)
+    opt = torch.optim.AdamW(trained, lr=args.unet_lr, weight_decay=1e-2)
     levels = NoiseLevelWeights() if args.unet_weighting == "noise-level" else None
     step, spent = 0, 0.0
     if ckpt.exists():
@@ -1695,6 +1705,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the denoising loss's target: the noise (plain training), or the --unet-init UNet's prediction for "
         "the same noisy latent, timestep and prompt (a frozen teacher; logged as distill_loss; 'loss' stays the "
         "plain MSE against the noise)",
+    )
+    p.add_argument(
+        "--unet-train",
+        default="",
+        help="comma-separated substrings of the UNet parameter names to train (e.g. 'attn2.to_k,attn2.to_v': the "
+        "cross-attention's reading of the prompt); the rest stays frozen (default: all)",
     )
     p.add_argument("--unet-log-every", type=int, default=50, help="UNet stage: steps per log line (means)")
     p.add_argument("--unet-lr", type=float, default=5e-4)

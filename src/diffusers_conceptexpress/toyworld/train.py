@@ -1306,7 +1306,6 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-
         mse = noise_mse = _sample_mse(pred, eps, single, object_mask)  # (B,)
         if teacher is not None:  # the starting model's prediction for the same input is the target
             with torch.no_grad():

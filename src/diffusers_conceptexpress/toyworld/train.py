@@ -1144,14 +1144,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
     unet.to(device)
     ema.to(device)
     patterns = [v for v in args.unet_train.split(",") if v.strip()]
-    trained = [p for name, p in unet.named_parameters() if not patterns or any(v in name for v in patterns)]
+    for name, p in unet.named_parameters():
+        p.requires_grad_(not patterns or any(v in name for v in patterns))
+    trained = [p for p in unet.parameters() if p.requires_grad]
     if not trained:
         raise SystemExit(
             f"--unet-train {args.unet_train!r} names no UNet parameter (e.g. 'attn2.to_k,attn2.to_v')"
         )
-    chosen = {id(p) for p in trained}
-    for p in unet.parameters():
-        p.requires_grad_(id(p) in chosen)
     opt = torch.optim.AdamW(trained, lr=args.unet_lr, weight_decay=1e-2)
     levels = NoiseLevelWeights() if args.unet_weighting == "noise-level" else None
     step, spent = 0, 0.0
@@ -1306,12 +1305,13 @@ def stage_unet(args, run_dir: Path, log: Logger) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         pred = unet(zt, t, encoder_hidden_states=c).sample
-        mse = noise_mse = _sample_mse(pred, eps, single, object_mask)  # (B,)
-        if teacher is not None:  # the starting model's prediction for the same input is the target
+        if teacher is None:
+            mse = noise_mse = _sample_mse(pred, eps, single, object_mask)  # (B,)
+        else:  # the starting model's prediction for the same input is the target
             with torch.no_grad():
                 taught = teacher(zt, t, encoder_hidden_states=c).sample
+                noise_mse = _sample_mse(pred, eps, single, object_mask)
             mse = _sample_mse(pred, taught, single, object_mask)
-            noise_mse = noise_mse.detach()
             distill_losses.append(mse.mean().item())
         if levels is None:
             loss = mse.mean()

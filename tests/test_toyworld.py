@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmark_scripts import load_benchmark
 from diffusers_conceptexpress.toyworld import (
     COLORS,
     PALETTE,
@@ -290,6 +291,65 @@ def test_a_run_seeded_from_the_shipped_model_exports_the_same_weights(tmp_path, 
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "seed" for r in log)
     assert not any(r.get("stage") in ("vae", "clip") and "step" in r for r in log)  # nothing retrained
+
+
+def test_interpolated_unet_lies_on_the_line_between_the_two_and_the_rest_is_the_base(tmp_path, offline):
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_conceptexpress import ConceptExpressPipeline
+
+    script = load_benchmark("interpolate_unet", folder="scripts")
+    shipped = Path(model_path())
+    base = load_file(shipped / "unet" / script.WEIGHTS)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = {k: v + 1.0 for k, v in base.items()}  # every weight moved by exactly 1
+    save_file(other, other_dir / script.WEIGHTS)
+    for alpha in (0.0, 0.25, 1.0):
+        out = tmp_path / f"a{alpha}"
+        script.main(
+            ["--base", str(shipped), "--other", str(other_dir), "--alpha", str(alpha), "--out", str(out)]
+        )
+        mixed = load_file(out / "unet" / script.WEIGHTS)
+        assert mixed.keys() == base.keys()
+        assert all(torch.allclose(mixed[k], base[k] + alpha, atol=1e-6) for k in base), alpha
+        for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+            assert (out / part).read_bytes() == (shipped / part).read_bytes()
+    # alpha 0 writes the base's weights bit for bit, and the result loads as a pipeline
+    assert (tmp_path / "a0.0/unet" / script.WEIGHTS).read_bytes() == (
+        shipped / "unet" / script.WEIGHTS
+    ).read_bytes()
+    ConceptExpressPipeline.from_pretrained(tmp_path / "a0.25")
+    with pytest.raises(SystemExit):  # the output folder exists
+        script.main(["--base", str(shipped), "--other", str(other_dir), "--alpha", "0.5", "--out", str(out)])
+    with pytest.raises(SystemExit):  # alpha outside [0, 1]
+        script.main(
+            [
+                "--base",
+                str(shipped),
+                "--other",
+                str(other_dir),
+                "--alpha",
+                "1.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    save_file({k: v for k, v in list(other.items())[1:]}, other_dir / script.WEIGHTS)
+    with pytest.raises(ValueError, match="do not share their weight names"):
+        script.main(
+            [
+                "--base",
+                str(shipped),
+                "--other",
+                str(other_dir),
+                "--alpha",
+                "0.5",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+    assert not (tmp_path / "y").exists()  # nothing half-written
 
 
 def test_rows_stage_moves_only_the_named_words_rows_and_export_carries_them(tmp_path, offline):

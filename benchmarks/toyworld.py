@@ -577,6 +577,31 @@ def update_docs(path: Path, table: str) -> None:
         handle.write(text)
 
 
+def _wanted_variants(args) -> list[str]:
+    """The names of :data:`VARIANTS` that ``--variants`` (their folder forms, comma-separated) asks for."""
+    return [v for v in VARIANTS if _variant_dir(v) in args.variants.split(",")]
+
+
+def _check_records_of(parser: argparse.ArgumentParser, args, parts: list[str], items) -> None:
+    """``--records-of`` summarises committed records alone: no weights, so no scene may need the model."""
+    if not args.summarize_only or parts != ["extraction"] or args.model is not None:
+        parser.error("--records-of FINGERPRINT goes with --summarize-only --parts extraction and no --model")
+    folder = Path(args.records) / args.records_of
+    if not folder.is_dir():
+        parser.error(
+            f"--records-of: no records at {folder}; the fingerprints are the folders of {args.records}"
+        )
+    recorded = [_result_path(folder, v, seed) for seed, _ in items for v in _wanted_variants(args)]
+    ungridded = [
+        str(r.parent) for r in recorded if r.is_file() and not _samples_record(r.parent, args).is_file()
+    ]
+    if ungridded:
+        parser.error(
+            f"--records-of: {len(ungridded)} record(s) have no samples_{generation_key(args)}.png (e.g. "
+            f"{ungridded[0]}); their images can only be made with the model's weights (--model)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy model)")
@@ -599,6 +624,13 @@ def main() -> None:
         "--summarize-only",
         action="store_true",
         help="extract nothing; summarise the scenes whose every variant is in the cache",
+    )
+    p.add_argument(
+        "--records-of",
+        default=None,
+        metavar="FINGERPRINT",
+        help="with --summarize-only: summarise the committed records of that fingerprint without its weights "
+        "(a trial's model that is gone); every scene needs its samples grid",
     )
     p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
     p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
@@ -624,13 +656,17 @@ def main() -> None:
     code_version()  # the commit this process runs, before anything is committed meanwhile
     torch.set_num_threads(args.threads)
     model = args.model or model_path()
-    fingerprint = model_fingerprint(model, world)
+    parts = args.parts.split(",")
+    items = scenes(args.scenes, args.seed_start)
+    if args.records_of is not None:
+        _check_records_of(p, args, parts, items)
+        fingerprint, pipe = args.records_of, None
+    else:
+        fingerprint = model_fingerprint(model, world)
+        pipe = ConceptExpressPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
     work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in
     records = Path(args.records) / fingerprint
-    pipe = ConceptExpressPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    items = scenes(args.scenes, args.seed_start)
-    parts = args.parts.split(",")
     worker = args.claim or args.shard != "0/1"
     out = Path(args.out) if args.out else None if worker else Path(OUT)
     summary = json.loads(out.read_text()) if out is not None and out.is_file() else {}
@@ -641,7 +677,7 @@ def main() -> None:
         if args.pictures:
             localizer_pictures(pipe, items[: args.pictures], Path("docs/toyworld_localizers.png"), world)
     if "extraction" in parts:
-        wanted = [v for v in VARIANTS if v.replace(", ", "_").replace(" ", "-") in args.variants.split(",")]
+        wanted = _wanted_variants(args)
         ext_items = items[: args.extraction_scenes] if args.extraction_scenes else items
         shard, shards = (int(v) for v in args.shard.split("/"))
         # scene-major, so that an interrupted run has every variant on the same scenes
@@ -669,7 +705,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.threads} thread(s)",
-        "model": "shipped toy model" if args.model is None else args.model,
+        "model": args.model or (f"records of {args.records_of}" if args.records_of else "shipped toy model"),
         "fingerprint": fingerprint,
         "classifier": classifier_fingerprint(),
         "scenes": args.scenes,

@@ -473,3 +473,56 @@ def test_alone_grow_learns_from_the_mask_and_its_free_band():
         yo, xo = np.nonzero(scene.masks[k])
         chebyshev = np.maximum(np.abs(ys[:, None] - yo[None]), np.abs(xs[:, None] - xo[None]))
         assert (chebyshev.min(1) <= 4).all()
+
+
+def test_benchmark_summarises_records_of_a_fingerprint_without_its_weights(tmp_path, monkeypatch, capsys):
+    from diffusers_conceptexpress.toyworld import render_scene
+
+    bench = load_benchmark("toyworld")
+    (seed, n), *_ = bench.scenes(1, 20_000)
+    scene = render_scene(seed, num_objects=n)
+    record = tmp_path / "records" / "abc123" / "fast_GT-masks" / str(seed)
+    record.mkdir(parents=True)
+    (record / "result.json").write_text(
+        json.dumps(
+            {"seed": seed, "concepts": n, "targets": list(range(n)), "seconds": 1.0, "unet_samples": 7}
+        )
+    )
+    np.savez(record / "masks.npz", *scene.masks)
+    names = bench.sample_names(n)
+    # concept 1's generations show a lone object of its own shape and colour, concept 2's another shape
+    lone = [render_scene(s, num_objects=1) for s in range(300)]
+    first, second = scene.objects[0], scene.objects[1]
+    right = next(
+        x for x in lone if (x.objects[0]["shape"], x.objects[0]["color"]) == (first["shape"], first["color"])
+    )
+    wrong = next(x for x in lone if x.objects[0]["shape"] != second["shape"])
+    tiles = {"concept_1": right.image, "concept_2": wrong.image}
+    for name in names:
+        for i in range(4):
+            tiles.get(name, scene.image).save(tmp_path / f"{name}_{i}.png")
+    grid = record / "samples_ddim50-cfg7.5-n4-seed0.png"
+    bench.pack_samples(tmp_path, names, 4, grid)
+    argv = ["toyworld.py", "--records", str(tmp_path / "records"), "--work", str(tmp_path / "work")]
+    argv += ["--scenes", "1", "--parts", "extraction", "--variants", "fast_GT-masks", "--summarize-only"]
+    out = tmp_path / "summary.json"
+    monkeypatch.setattr(sys, "argv", [*argv, "--records-of", "abc123", "--out", str(out)])
+    bench.main()
+    summary = json.loads(out.read_text())
+    assert summary["header"]["model"] == "records of abc123" and summary["header"]["fingerprint"] == "abc123"
+    rows = summary["extraction"]["fast, GT masks"]["per_concept"]
+    assert [r["both"] for r in rows][:2] == [4, 0] and all(r["images"] == 4 for r in rows)
+    # what the weights would be needed for is refused before any work, with the way out in the message
+    for extra, message in [
+        (["--records-of", "abc123", "--model", "x"], "no --model"),
+        (["--records-of", "nothere"], "no records at"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [*argv, *extra])
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert message in capsys.readouterr().err
+    grid.unlink()
+    monkeypatch.setattr(sys, "argv", [*argv, "--records-of", "abc123"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "have no samples_ddim50-cfg7.5-n4-seed0.png" in capsys.readouterr().err

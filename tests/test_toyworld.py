@@ -305,11 +305,15 @@ def test_interpolated_unet_lies_on_the_line_between_the_two_and_the_rest_is_the_
     other_dir.mkdir()
     other = {k: v + 1.0 for k, v in base.items()}  # every weight moved by exactly 1
     save_file(other, other_dir / script.WEIGHTS)
-    for alpha in (0.0, 0.25, 1.0):
-        out = tmp_path / f"a{alpha}"
+
+    def run(alpha, out):
         script.main(
             ["--base", str(shipped), "--other", str(other_dir), "--alpha", str(alpha), "--out", str(out)]
         )
+
+    for alpha in (0.0, 0.25, 1.0):
+        out = tmp_path / f"a{alpha}"
+        run(alpha, out)
         mixed = load_file(out / "unet" / script.WEIGHTS)
         assert mixed.keys() == base.keys()
         assert all(torch.allclose(mixed[k], base[k] + alpha, atol=1e-6) for k in base), alpha
@@ -321,34 +325,12 @@ def test_interpolated_unet_lies_on_the_line_between_the_two_and_the_rest_is_the_
     ).read_bytes()
     ConceptExpressPipeline.from_pretrained(tmp_path / "a0.25")
     with pytest.raises(SystemExit):  # the output folder exists
-        script.main(["--base", str(shipped), "--other", str(other_dir), "--alpha", "0.5", "--out", str(out)])
+        run(0.5, out)
     with pytest.raises(SystemExit):  # alpha outside [0, 1]
-        script.main(
-            [
-                "--base",
-                str(shipped),
-                "--other",
-                str(other_dir),
-                "--alpha",
-                "1.5",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        run(1.5, tmp_path / "x")
     save_file({k: v for k, v in list(other.items())[1:]}, other_dir / script.WEIGHTS)
     with pytest.raises(ValueError, match="do not share their weight names"):
-        script.main(
-            [
-                "--base",
-                str(shipped),
-                "--other",
-                str(other_dir),
-                "--alpha",
-                "0.5",
-                "--out",
-                str(tmp_path / "y"),
-            ]
-        )
+        run(0.5, tmp_path / "y")
     assert not (tmp_path / "y").exists()  # nothing half-written
 
 
@@ -821,3 +803,16 @@ def test_teacher_target_and_trained_parameters(tmp_path, offline):
     theirs = load_file(Path(shipped) / "unet" / "diffusion_pytorch_model.safetensors")
     changed = {k for k in theirs if not torch.equal(ours[k], theirs[k])}
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
+
+
+def test_the_committed_wise_candidate_rebuilds_to_the_fingerprint_of_its_records(tmp_path):
+    # docs/toyworld.md, "Twentieth run": the candidate model is rebuilt from git, bit for bit, in any session
+    script = load_benchmark("interpolate_unet", folder="scripts")
+    bench = load_benchmark("toyworld")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    other = results / "toyworld_wise_trial" / "v13_rerun_step386"
+    out = tmp_path / "v13_a50"
+    script.main(["--base", str(model_path()), "--other", str(other), "--alpha", "0.5", "--out", str(out)])
+    fingerprint = bench.model_fingerprint(str(out))
+    assert fingerprint == "af8cbffd8300"
+    assert (results / "toyworld_extraction" / fingerprint).is_dir()

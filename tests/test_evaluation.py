@@ -491,12 +491,13 @@ def test_benchmark_summarises_records_of_a_fingerprint_without_its_weights(tmp_p
     np.savez(record / "masks.npz", *scene.masks)
     names = bench.sample_names(n)
     # concept 1's generations show a lone object of its own shape and colour, concept 2's another shape
-    lone = [render_scene(s, num_objects=1) for s in range(300)]
     first, second = scene.objects[0], scene.objects[1]
-    right = next(
-        x for x in lone if (x.objects[0]["shape"], x.objects[0]["color"]) == (first["shape"], first["color"])
-    )
-    wrong = next(x for x in lone if x.objects[0]["shape"] != second["shape"])
+
+    def lone(wanted):  # the first one-object scene whose object passes ``wanted``, rendered one at a time
+        return next(x for x in map(render_scene, range(300), [1] * 300) if wanted(x.objects[0]))
+
+    right = lone(lambda o: (o["shape"], o["color"]) == (first["shape"], first["color"]))
+    wrong = lone(lambda o: o["shape"] != second["shape"])
     tiles = {"concept_1": right.image, "concept_2": wrong.image}
     for name in names:
         for i in range(4):

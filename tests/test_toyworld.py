@@ -805,14 +805,24 @@ def test_teacher_target_and_trained_parameters(tmp_path, offline):
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
 
 
-def test_the_committed_wise_candidate_rebuilds_to_the_fingerprint_of_its_records(tmp_path):
-    # docs/toyworld.md, "Twentieth run": the candidate model is rebuilt from git, bit for bit, in any session
+def test_the_shipped_unet_rebuilds_bit_for_bit_from_the_eleventh_unet_and_the_trial_snapshot(tmp_path):
+    # docs/toyworld.md, "Twentieth run": the shipped UNet is the WiSE-FT mix (alpha 0.5) of the eleventh model's
+    # UNet and the shape-contrast trial's step-386 EMA snapshot, both committed under benchmarks/results
+    import shutil
+
     script = load_benchmark("interpolate_unet", folder="scripts")
     bench = load_benchmark("toyworld")
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    other = results / "toyworld_wise_trial" / "v13_rerun_step386"
+    trial = results / "toyworld_wise_trial"
+    eleventh = tmp_path / "v11"
+    shutil.copytree(model_path(), eleventh)
+    shutil.copy(trial / "v11_unet" / script.WEIGHTS, eleventh / "unet" / script.WEIGHTS)
+    assert bench.model_fingerprint(str(eleventh)) == "887f090a733d"  # the eleventh model's records' key
     out = tmp_path / "v13_a50"
-    script.main(["--base", str(model_path()), "--other", str(other), "--alpha", "0.5", "--out", str(out)])
-    fingerprint = bench.model_fingerprint(str(out))
+    other = trial / "v13_rerun_step386"
+    script.main(["--base", str(eleventh), "--other", str(other), "--alpha", "0.5", "--out", str(out)])
+    shipped = Path(model_path()) / "unet" / script.WEIGHTS
+    assert (out / "unet" / script.WEIGHTS).read_bytes() == shipped.read_bytes()
+    fingerprint = bench.model_fingerprint(str(model_path()))
     assert fingerprint == "af8cbffd8300"
     assert (results / "toyworld_extraction" / fingerprint).is_dir()

@@ -111,10 +111,7 @@ class AttentionRecorder:
             aggregated; None = all.
         cross_token_indices: token positions whose cross-attention (attn2) is recorded; None = none.
         cross_factors: downsampling factors whose cross-attention is recorded; None = all.
-        cross_include_mid: also record the mid block's cross-attention.
         cross_with_grad: keep the autograd graph of recorded cross-attention maps.
-        self_with_grad: keep each selected self-attention layer's head-averaged map WITH its autograd graph
-            (:meth:`self_attention_maps`) instead of aggregating (for training objectives on attention).
         chunk_bytes: memory budget of one chunk of attention probabilities (all heads, float32).
     """
 
@@ -127,9 +124,7 @@ class AttentionRecorder:
         self_factors: Sequence[int] | None = None,
         cross_token_indices: Sequence[int] | None = None,
         cross_factors: Sequence[int] | None = None,
-        cross_include_mid: bool = False,
         cross_with_grad: bool = False,
-        self_with_grad: bool = False,
         chunk_bytes: int = 2 * 2**20,
     ) -> None:
         if self_weighting not in SELF_ATTENTION_WEIGHTINGS:
@@ -142,9 +137,7 @@ class AttentionRecorder:
         self.self_factors = None if self_factors is None else set(self_factors)
         self.cross_token_indices = None if cross_token_indices is None else list(cross_token_indices)
         self.cross_factors = None if cross_factors is None else set(cross_factors)
-        self.cross_include_mid = cross_include_mid
         self.cross_with_grad = cross_with_grad
-        self.self_with_grad = self_with_grad
         self.chunk_bytes = chunk_bytes
         self.enabled = True
         self.reset()
@@ -153,7 +146,6 @@ class AttentionRecorder:
     def reset(self) -> None:
         """Drop everything recorded so far."""
         self._self_sum: torch.Tensor | None = None
-        self._self_maps: dict[str, list[torch.Tensor]] = {}
         self.self_layers: list[str] = []
         self.cross: dict[str, _CrossRecord] = {}
 
@@ -168,7 +160,7 @@ class AttentionRecorder:
         if ".attn2." in name or name.endswith("attn2.processor"):
             if self.cross_token_indices is None:
                 return False
-            return self.cross_include_mid or not name.startswith("mid_block")
+            return not name.startswith("mid_block")
         return False
 
     def _wants_self(self, factor: int) -> bool:
@@ -232,13 +224,22 @@ class AttentionRecorder:
             if layer is not None and query_start == 0:
                 self.self_layers.append(layer)
 
-    def add_self_attention_map(self, layer: str, probs: torch.Tensor) -> None:
-        """Keep a chunk (B, q, h_r * w_r) of a layer's head-averaged self-attention, autograd graph included."""
-        self._self_maps.setdefault(layer, []).append(probs)
+    def record_self_chunk(
+        self, layer: str, probs: torch.Tensor, query_start: int, grid: tuple[int, int]
+    ) -> None:
+        """Take one chunk of a self-attention layer's probabilities, as the recording processor computed them.
 
-    def self_attention_maps(self) -> dict[str, torch.Tensor]:
-        """``self_with_grad`` recordings: layer name -> (B, h_r * w_r, h_r * w_r) head-averaged probabilities."""
-        return {name: torch.cat(chunks, dim=1) for name, chunks in self._self_maps.items()}
+        Args:
+            layer: the processor name of the layer.
+            probs: (B, heads, q, h_r * w_r) probabilities (with their autograd graph) of query rows
+                ``query_start .. query_start + q``.
+            grid: (h_r, w_r) of the layer.
+
+        The recorder averages the heads without a graph and adds the chunk into the running sum
+        (:meth:`add_self_attention`). Subclasses override this to keep other views of the maps.
+        """
+        with torch.no_grad():
+            self.add_self_attention(probs.detach().float().mean(1), query_start, grid, layer=layer)
 
     def self_attention(self, release: bool = False) -> torch.Tensor:
         """The aggregated self-attention, (B, R^2, R^2) with R^2 = h * w, every row summing to 1.
@@ -378,12 +379,7 @@ class RecordingAttnProcessor:
                     mask = mask[:, s : s + chunk]
                 probs = attn.get_attention_scores(query[:, s : s + chunk], key, mask)
                 outs.append(torch.bmm(probs, value))
-                if rec.self_with_grad:
-                    rec.add_self_attention_map(self.name, probs.reshape(b, heads, -1, n_k).float().mean(1))
-                else:
-                    with torch.no_grad():
-                        avg = probs.detach().reshape(b, heads, probs.shape[1], n_k).float().mean(1)
-                        rec.add_self_attention(avg, s, grid, layer=self.name)
+                rec.record_self_chunk(self.name, probs.reshape(b, heads, -1, n_k), s, grid)
                 del probs
             out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 

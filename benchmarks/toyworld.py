@@ -39,9 +39,11 @@ import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +257,65 @@ def _variant_dir(variant: str) -> str:
 def _result_path(records: Path, variant: str, seed: int) -> Path:
     """The committed record of one extraction: ``result.json``, ``masks.npz``, ``embeddings.safetensors``."""
     return records / _variant_dir(variant) / str(seed) / "result.json"
+
+
+def _archive_path(records: Path, variant: str) -> Path:
+    """The committed form of one variant's records: ``records/<variant>.zip`` (one file instead of 4 per scene)."""
+    return records / f"{_variant_dir(variant)}.zip"
+
+
+#: every member of an archive gets this timestamp, so packing the same records gives the same bytes
+_ZIP_TIME = (2026, 1, 1, 0, 0, 0)
+
+
+def pack_records(records: Path, variant: str) -> Path | None:
+    """Write ``records/<variant>/<seed>/*`` of every complete record (its ``result.json`` written) into
+    ``records/<variant>.zip``, atomically and byte-reproducibly (sorted members, fixed timestamps).
+
+    The folders are the working form (git ignores them); the archive is what is committed. Returns the
+    archive's path, or None when the variant has no complete record.
+    """
+    folder = records / _variant_dir(variant)
+    seeds = sorted((p.parent for p in folder.glob("*/result.json")), key=lambda p: (len(p.name), p.name))
+    if not seeds:
+        return None
+    archive = _archive_path(records, variant)
+    with atomic_file(archive, "wb") as handle, zipfile.ZipFile(handle, "w") as zf:
+        for seed in seeds:
+            for f in sorted(seed.iterdir()):
+                info = zipfile.ZipInfo(f"{seed.name}/{f.name}", date_time=_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_STORED if f.suffix == ".png" else zipfile.ZIP_DEFLATED
+                zf.writestr(info, f.read_bytes())
+    return archive
+
+
+def unpack_records(records: Path, variant: str) -> int:
+    """Unpack the records of ``records/<variant>.zip`` that ``records/<variant>/`` lacks; returns how many.
+
+    Each scene's folder is written to a temporary name and renamed into place, ``result.json`` last, so an
+    interrupted unpack leaves no record that looks complete.
+    """
+    archive = _archive_path(records, variant)
+    if not archive.is_file():
+        return 0
+    folder = records / _variant_dir(variant)
+    added = 0
+    with zipfile.ZipFile(archive) as zf:
+        members: dict[str, list[zipfile.ZipInfo]] = {}
+        for info in zf.infolist():
+            members.setdefault(info.filename.split("/")[0], []).append(info)
+        for seed, infos in members.items():
+            if (folder / seed / "result.json").is_file():
+                continue
+            tmp = folder / f".{seed}.unpacking"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for info in sorted(infos, key=lambda i: i.filename.endswith("result.json")):
+                (tmp / Path(info.filename).name).write_bytes(zf.read(info))
+            shutil.rmtree(folder / seed, ignore_errors=True)  # a half record of an interrupted run
+            os.replace(tmp, folder / seed)
+            added += 1
+    return added
 
 
 def generation_key(args) -> str:
@@ -650,6 +711,12 @@ def main() -> None:
         "none unless given, so that it never replaces the committed summary with its part)",
     )
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="at the end, write each variant's complete records into <records>/<fingerprint>/<variant>.zip "
+        "(the committed form; the unpacked folders are git-ignored)",
+    )
     add_world_arguments(p)
     args = p.parse_args()
     world = world_options(args)
@@ -658,6 +725,8 @@ def main() -> None:
     model = args.model or model_path()
     parts = args.parts.split(",")
     items = scenes(args.scenes, args.seed_start)
+    for variant in _wanted_variants(args) if "extraction" in parts else []:
+        unpack_records(Path(args.records) / (args.records_of or model_fingerprint(model, world)), variant)
     if args.records_of is not None:
         _check_records_of(p, args, parts, items)
         fingerprint, pipe = args.records_of, None
@@ -699,6 +768,9 @@ def main() -> None:
         summary["extraction"] = {
             v: summarize_extraction(done, v, args, records, work, encoder) for v in wanted if done
         }
+        if args.pack:
+            for variant in wanted:
+                print(f"packed {pack_records(records, variant)}", file=sys.stderr)
     cmd = "python benchmarks/toyworld.py " + " ".join(sys.argv[1:])
     header = {
         "command": cmd.strip(),

@@ -15,18 +15,19 @@ toy model (or ``--model``):
    single-concept generations whose main object ``toyworld.classify`` reads as the ground-truth object of
    that concept (shape and colour, and each of them alone; with our masks, the object the concept's mask
    matches, an unmatched concept counts as wrong), seconds per image and UNet sample-passes per image.
-   The generations follow the method's protocol (method.md §3: DDIM 50 steps, guidance 7.5; ``--samples``
+   The generations follow the method's protocol (docs/evaluation.md: DDIM 50 steps, guidance 7.5; ``--samples``
    4 per prompt, seeds ``--seed`` + i); tables before session 15 used DDIM 25 and guidance 5.
 
-Each finished extraction is recorded under ``--records`` (default ``benchmarks/results/toyworld_extraction``,
-committed; one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its
-result, masks, learned embeddings and its generations tiled in one PNG per generation protocol
-(``samples_<protocol>.png``, a row per prompt). The generated images go to ``--work`` (default
-``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol), unpacked from that PNG or,
-for older records, regenerated from the embeddings. So an interrupted run resumes where it stopped, also in a
-later session; ``--shard K/N`` splits the scenes over parallel processes (or ``--claim``: processes started
-with the same command take the scenes one at a time) and ``--summarize-only`` tabulates the scenes whose
-every variant is recorded. The summary goes to ``--out`` (default ``benchmarks/results/toyworld.json``; worker
+Each finished extraction is recorded under ``--records`` (default ``benchmarks/results/toyworld_extraction``;
+one sub-folder per model and world, named by a hash of the weights and ``WORLD_VERSION``): its result, masks,
+learned embeddings and its generations tiled in one PNG per generation protocol (``samples_<protocol>.png``,
+a row per prompt). What git holds is one zip per variant (``<variant>.zip``, written by ``--pack``); a run
+unpacks what its folders lack first, so a fresh clone summarises without the model. The generated images go
+to ``--work`` (default ``.benchmark-runs/toyworld``, not in git; one sub-folder per generation protocol),
+unpacked from that PNG or, for records without one, regenerated from the embeddings. So an interrupted run
+resumes where it stopped, also in a later session; ``--shard K/N`` splits the scenes over parallel processes
+(or ``--claim``: processes started with the same command take the scenes one at a time) and
+``--summarize-only`` tabulates the scenes whose every variant is recorded. The summary goes to ``--out`` (default ``benchmarks/results/toyworld.json``; worker
 runs, with ``--claim`` or a shard, write none unless ``--out`` is given) and, with ``--update-docs``, into
 docs/benchmarks.md between the ``toyworld-benchmark`` markers.
 """
@@ -695,8 +696,15 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
     p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
-    p.add_argument("--inference-steps", type=int, default=50, help="DDIM steps (method.md §3: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (method.md §3: 7.5)")
+    p.add_argument(
+        "--inference-steps",
+        type=int,
+        default=50,
+        help="DDIM steps (the paper's protocol, docs/evaluation.md: 50)",
+    )
+    p.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance (the paper's protocol: 7.5)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pictures", type=int, default=6, help="scenes in docs/toyworld_localizers.png (0: none)")

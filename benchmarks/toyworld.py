@@ -707,6 +707,11 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the pipeline runs (cpu, cuda); results on another device differ in the last bits",
+    )
     p.add_argument("--pictures", type=int, default=6, help="scenes in docs/toyworld_localizers.png (0: none)")
     p.add_argument("--work", default=".benchmark-runs/toyworld", help="generated images (not in git)")
     p.add_argument(
@@ -740,7 +745,7 @@ def main() -> None:
         fingerprint, pipe = args.records_of, None
     else:
         fingerprint = model_fingerprint(model, world)
-        pipe = ConceptExpressPipeline.from_pretrained(model)
+        pipe = ConceptExpressPipeline.from_pretrained(model).to(args.device)
         pipe.set_progress_bar_config(disable=True)
     work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in
     records = Path(args.records) / fingerprint
@@ -784,7 +789,7 @@ def main() -> None:
         "command": cmd.strip(),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{args.threads} thread(s)",
+        f"{args.threads} thread(s)" + (f", {args.device}" if args.device != "cpu" else ""),
         "model": args.model or (f"records of {args.records_of}" if args.records_of else "shipped toy model"),
         "fingerprint": fingerprint,
         "classifier": classifier_fingerprint(),

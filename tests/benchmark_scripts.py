@@ -1,4 +1,5 @@
-"""Import a script of ``benchmarks/`` or ``scripts/`` (not packages) as a module, for tests of its helpers."""
+"""Import a script of ``benchmarks/`` (or of another script folder, e.g. ``research/probes/``) as a module, for
+tests of its helpers; the scripts are not packages."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name: str, folder: str = "benchmarks") -> ModuleType:
-    """``<folder>/<name>.py`` as a module (its folder on ``sys.path``, as when run as a script)."""
+    """``<folder>/<name>.py`` as a module (``folder`` relative to the repository root, put on ``sys.path`` as
+    when the script runs)."""
     where = ROOT / folder
     if str(where) not in sys.path:
         sys.path.append(str(where))

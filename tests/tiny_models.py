@@ -13,59 +13,22 @@ Latent 16x16 (images 32x32, VAE factor 2); attention at 16x16 and 8x8, mid block
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffusers_conceptexpress.toyworld.tokenizer import build_tokenizer
+
 KINDS = ("sd1", "sd2", "sd2-v")
 WORDS = ("a", "photo", "of", "and", "in", "the", "snow", "cat", "dog", "red", "blue")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable symbol table of byte-level BPE: printable bytes map to themselves and come first."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def _word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Merges that make each word (letters + ``</w>``) a single token, built left to right per word."""
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-    return merges
-
-
 def tiny_tokenizer(directory: str | Path, pad: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A byte-level CLIP BPE tokenizer with a few whole-word tokens, model_max_length 77."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges = _word_merges(WORDS)
-    vocab_list += ["".join(m) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(
-        vocab=str(directory / "vocab.json"),
-        merges=str(directory / "merges.txt"),
-        pad_token=pad,
-        model_max_length=77,
-    )
+    """A byte-level CLIP BPE tokenizer with a few whole-word tokens (:data:`WORDS`), model_max_length 77: the
+    toy world's tokenizer builder with this vocabulary."""
+    return build_tokenizer(directory, words=WORDS, pad=pad, max_length=77)
 
 
 def tiny_components(kind: str, workdir: str | Path, seed: int = 0) -> dict:

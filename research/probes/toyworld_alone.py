@@ -1,7 +1,7 @@
 """Does learning concepts TOGETHER cost the toy's tokens their object? Each object learned alone, paired.
 
-    python benchmarks/toyworld_alone.py --start 20005 --scenes 8 [--shard K/N] [--threads 1]
-    python benchmarks/toyworld_alone.py --start 20005 --scenes 8 --summarize-only --out <json>
+    python research/probes/toyworld_alone.py --start 20005 --scenes 8 [--shard K/N] [--threads 1]
+    python research/probes/toyworld_alone.py --start 20005 --scenes 8 --summarize-only --out <json>
 
 The extraction benchmark (``benchmarks/toyworld.py``) learns all objects of a scene in ONE run with their
 ground-truth masks (split tokens, SupCon between concepts, the joint prompt "a photo of <c_1> and <c_2>",
@@ -34,8 +34,11 @@ import argparse
 import json
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
+from toyworld_inversion_probe import learn_one, score
+from toyworld_loss_landscape import loss_masks_with_margin
 
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
@@ -49,8 +52,6 @@ from toyworld import (  # benchmarks/toyworld.py
     scenes,
     world_options,
 )
-from toyworld_inversion_probe import learn_one, score
-from toyworld_loss_landscape import loss_masks_with_margin
 
 
 def learning_mask(scene, k: int, grow: int) -> np.ndarray:
@@ -125,7 +126,7 @@ def main() -> None:
     p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/alone/<fingerprint>/<protocol>"
     )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_alone.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_alone.json"))
     p.add_argument(
         "--isolate",
         action="store_true",

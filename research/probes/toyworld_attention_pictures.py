@@ -1,6 +1,6 @@
 """Pictures of what the method sees on toy scenes: attention rows per resolution, [EOT] maps, clusters.
 
-    python benchmarks/toyworld_attention_pictures.py [--model DIR | --unet-checkpoint RUN/unet.pt] \
+    python research/probes/toyworld_attention_pictures.py [--model DIR | --unet-checkpoint RUN/unet.pt] \
         [--scenes 8] [--prefix docs/toyworld_]
 
 Writes three PNGs (``<prefix>attention_rows.png``, ``<prefix>eot_maps.png``, ``<prefix>clusters.png``):
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
 
@@ -30,8 +31,10 @@ from diffusers_conceptexpress.visualize import heatmap, image_grid, overlay_mask
 
 def load_pipeline(model: str | None, checkpoint: str | None) -> ConceptExpressPipeline:
     pipe = ConceptExpressPipeline.from_pretrained(model or model_path())
-    if checkpoint:  # the EMA UNet of a training run (toyworld.train), on the shipped VAE and text encoder
-        from diffusers_conceptexpress.toyworld.train import load_unet_checkpoint
+    if (
+        checkpoint
+    ):  # the EMA UNet of a training run (research.toyworld_training), on the shipped VAE and text encoder
+        from research.toyworld_training.models import load_unet_checkpoint
 
         pipe.unet = load_unet_checkpoint(checkpoint)
     pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ prints the agreement per variant, writes JSON and a contact sheet of disagreemen
 
     git show 40639f7:src/diffusers_conceptexpress/toyworld/model/classifier/model.safetensors > /tmp/c1/model.safetensors
     git show 40639f7:src/diffusers_conceptexpress/toyworld/model/classifier/config.json > /tmp/c1/config.json
-    python benchmarks/toyworld_classifier_agreement.py --other /tmp/c1 --fingerprint 1ba016207e46
+    python research/probes/toyworld_classifier_agreement.py --other /tmp/c1 --fingerprint 1ba016207e46
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 from PIL import Image, ImageDraw
 
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.toyworld import classify
-from diffusers_conceptexpress.toyworld.classify import load_classifier, render_accuracy
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffusers_conceptexpress.toyworld.classify import load_classifier
+from research.toyworld_training.classifier import render_accuracy
 from toyworld import _write_json, classifier_fingerprint
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         "--fingerprint", action="append", required=True, help="a cache folder of benchmarks/toyworld.py"
     )
     p.add_argument("--work", default=".benchmark-runs/toyworld")
-    p.add_argument("--out", default="benchmarks/results/toyworld_classifier_agreement.json")
+    p.add_argument("--out", default=".toyworld-runs/probes/toyworld_classifier_agreement.json")
     p.add_argument("--sheet", default="docs/toyworld_classifier_disagreements.png")
     p.add_argument("--sheet-size", type=int, default=24, help="disagreements shown on the contact sheet")
     p.add_argument(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     _write_json(
         Path(args.out),
         {
-            "command": "python benchmarks/toyworld_classifier_agreement.py " + " ".join(sys.argv[1:]),
+            "command": "python research/probes/toyworld_classifier_agreement.py " + " ".join(sys.argv[1:]),
             "shipped": classifier_fingerprint(),
             "other": args.other,
             "clean_renders": renders,

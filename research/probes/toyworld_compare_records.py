@@ -1,6 +1,6 @@
 """Do two extraction record folders hold the same learned embeddings?
 
-    python benchmarks/toyworld_compare_records.py A B
+    python research/probes/toyworld_compare_records.py A B
 
 A and B are ``benchmarks/toyworld.py`` record folders of one variant (``.../<fingerprint>/fast_GT-masks``).
 For every seed in both, prints whether the embeddings are bit-identical and the largest row difference as a

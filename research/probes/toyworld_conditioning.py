@@ -1,24 +1,26 @@
 """How much does the toy UNet use each word of its prompt, per noise level? (conditioning gain)
 
-    python benchmarks/toyworld_conditioning.py [--unet-checkpoint .toyworld-runs/v3/unet.pt] [--scenes 48]
+    python research/probes/toyworld_conditioning.py [--unet-checkpoint .toyworld-runs/v3/unet.pt] [--scenes 48]
 
 On fresh single-object scenes, the epsilon-prediction MSE of the UNet at fixed timesteps with the true
 caption, with the shape word swapped for another shape, with the colour word swapped, and with the empty
-prompt (same noise for all four): ``toyworld.train.conditioning_gain``, which the trainer also logs. The
-gap "wrong shape - true" is what the UNet gains from the shape word at that noise level: ~0 means the
-shape word is ignored there. Prints a markdown table (gaps in % of the true-caption MSE).
+prompt (same noise for all four): ``research.toyworld_training.diagnostics.conditioning_gain``, which the
+trainer also logs. The gap "wrong shape - true" is what the UNet gains from the shape word at that noise
+level: ~0 means the shape word is ignored there. Prints a markdown table (gaps in % of the true-caption MSE).
 """
 
 from __future__ import annotations
 
 import argparse
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import torch
 from diffusers import UNet2DConditionModel
 
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.toyworld import model_path
-from diffusers_conceptexpress.toyworld.train import conditioning_gain, load_unet_checkpoint
+from research.toyworld_training.diagnostics import conditioning_gain
+from research.toyworld_training.models import load_unet_checkpoint
 
 TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
 

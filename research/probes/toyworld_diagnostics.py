@@ -15,9 +15,9 @@ On ``--scenes`` fresh 2-3-object scenes (seeds from ``--seed-start``; the traini
     Hungarian mIoU at image resolution (missed objects count 0) and the share of scenes with exactly the
     right number of concepts.
 
-Prints a table and writes JSON (default ``benchmarks/results/toyworld_diagnostics.json``)::
+Prints a table and writes JSON (default ``.toyworld-runs/probes/toyworld_diagnostics.json``)::
 
-    python benchmarks/toyworld_diagnostics.py --scenes 50 --samples 2
+    python research/probes/toyworld_diagnostics.py --scenes 50 --samples 2
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -173,7 +174,7 @@ def main() -> None:
     add_world_arguments(p)
     p.add_argument("--per-factor-scenes", type=int, default=50, help="scenes for the per-resolution table")
     p.add_argument("--grid", default=None, help="save the generated images as one PNG grid here")
-    p.add_argument("--out", default="benchmarks/results/toyworld_diagnostics.json")
+    p.add_argument("--out", default=".toyworld-runs/probes/toyworld_diagnostics.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = args.model or model_path()

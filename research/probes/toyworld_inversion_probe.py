@@ -1,6 +1,6 @@
 """Why do learned toy tokens carry the colour of their object but not its shape? A probe.
 
-    python benchmarks/toyworld_inversion_probe.py [--scenes 6] [--variants gt,full,dilate8] [--shard K/N]
+    python research/probes/toyworld_inversion_probe.py [--scenes 6] [--variants gt,full,dilate8] [--shard K/N]
         [--option schedule=faithful --tag @faithful] [--texture striped] [--stripe-shade 0.8]
 
 Learns ONE concept from single-object toy scenes (seeds 30,000 + i, one object) with
@@ -14,7 +14,7 @@ different masks given to the masked diffusion loss:
 Then ``--samples`` generations of "a photo of <c>" (DDIM ``--inference-steps``, CFG ``--guidance``) are
 classified by ``toyworld.classify``: the share with the right shape, the right colour, and both, per
 variant. For reference, the same for the word prompt "a photo of a {colour} {shape}" of each object.
-Writes ``benchmarks/results/toyworld_inversion_probe.json`` (rows accumulate per scene and variant in
+Writes ``.toyworld-runs/probes/toyworld_inversion_probe.json`` (rows accumulate per scene and variant in
 ``--work``, per model, so shards and later sessions resume) and, with ``--grid``, a picture of the generations.
 """
 
@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
 from scipy import ndimage
@@ -162,7 +163,7 @@ def main() -> None:
     p.add_argument(
         "--work", type=Path, default=None, help="default: .benchmark-runs/inversion_probe/<model fingerprint>"
     )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_inversion_probe.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_inversion_probe.json"))
     p.add_argument(
         "--grid", type=Path, default=None, help="PNG: source and generations per scene and variant"
     )

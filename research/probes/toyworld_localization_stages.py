@@ -1,6 +1,6 @@
 """Where the published localizer loses objects on the toy world: each stage against ground truth.
 
-    python benchmarks/toyworld_localization_stages.py [--scenes 200] [--stage-scenes 50] [--threads 2]
+    python research/probes/toyworld_localization_stages.py [--scenes 200] [--stage-scenes 50] [--threads 2]
         [--radius-range 10 15]   # the first world's object sizes
 
 1. **Stages** (``--stage-scenes`` scenes of the quality benchmark, seeds 20,000 + i, 2 objects for even i
@@ -26,7 +26,7 @@
    passes.
 
 Shipped toy model by default (or ``--model``). Prints markdown tables and writes JSON
-(``benchmarks/results/toyworld_localization_stages.json``).
+(``.toyworld-runs/probes/toyworld_localization_stages.json``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import argparse
 import json
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,7 @@ def main() -> None:
     p.add_argument("--stage-seed-start", type=int, default=20_000)
     add_world_arguments(p)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/toyworld_localization_stages.json")
+    p.add_argument("--out", default=".toyworld-runs/probes/toyworld_localization_stages.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = ConceptExpressPipeline.from_pretrained(args.model or model_path())

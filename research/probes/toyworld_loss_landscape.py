@@ -1,10 +1,11 @@
 """Does the masked diffusion loss single out a concept's object, and does the learning reach it?
 
-    python benchmarks/toyworld_loss_landscape.py [--variants fast_GT-masks,faithful_GT-masks] [--draws 16]
+    python research/probes/toyworld_loss_landscape.py [--variants fast_GT-masks,faithful_GT-masks] [--draws 16]
 
 For every concept of the recorded extractions of the shipped toy model (``benchmarks/toyworld.py``'s
 records: masks and learned embeddings), evaluates the method's single-concept loss, "a photo of <c>" with
-the masked epsilon MSE inside the concept's mask (method.md §2), for candidate embeddings of <c>:
+the masked epsilon MSE inside the concept's mask (docs/design.md, "Learning"), for candidate embeddings of
+<c>:
 
 - the learned embedding;
 - every one-slot embedding "colour + [striped +] shape" (the sum of the word rows: the toy model is trained
@@ -14,8 +15,8 @@ the masked epsilon MSE inside the concept's mask (method.md §2), for candidate 
 All candidates share the same ``--draws`` (t, noise) pairs per quarter of the timestep range (common random
 numbers), so their differences are not drowned by the draws' noise. Prints per concept the loss of the
 learned token, of the true slot, the true slot's rank among the 48 slots, and the best slots, and writes
-``benchmarks/results/toyworld_loss_landscape.json``. If the true slot ranks first, the objective points at the
-object and what is missing is the optimisation; if same-colour slots of other shapes tie with it, the
+``.toyworld-runs/probes/toyworld_loss_landscape.json``. If the true slot ranks first, the objective points at
+the object and what is missing is the optimisation; if same-colour slots of other shapes tie with it, the
 masked loss cannot see the shape (the flat-colour limit).
 
 ``--margins 0,2`` repeats every evaluation with the loss mask grown by a band of that many latent cells
@@ -33,17 +34,18 @@ import itertools
 import json
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from toyworld_prompt_forms import slot_embedding
 
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.masks import masks_to_latent_grid
 from diffusers_conceptexpress.toyworld import COLORS, SHAPES, model_path, render_scene
 from toyworld import model_fingerprint  # benchmarks/toyworld.py
-from toyworld_prompt_forms import slot_embedding
 
 BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 PROBE = "<landscape-probe>"
@@ -52,8 +54,8 @@ PROBE = "<landscape-probe>"
 def loss_masks_with_margin(masks: torch.Tensor, margin: int) -> torch.Tensor:
     """Each concept's mask grown by a band of ``margin`` grid cells that no other concept's mask holds.
 
-    The masked loss of method.md §2 scores a prompt only inside its concept's mask, so a token that draws a
-    larger shape of the same colour there (a circle over a heart) costs nothing. The band adds the cells just
+    The method's masked loss (docs/design.md, "Learning") scores a prompt only inside its concept's mask, so
+    a token that draws a larger shape of the same colour there (a circle over a heart) costs nothing. The band adds the cells just
     outside the object, where such an overflow shows; cells of other concepts stay out, so a token is never
     asked to draw its neighbour.
 
@@ -75,7 +77,8 @@ def loss_masks_with_margin(masks: torch.Tensor, margin: int) -> torch.Tensor:
 
 @torch.no_grad()
 def losses(pipe, z0: torch.Tensor, mask: torch.Tensor, candidates: dict, draws: int, seed: int) -> dict:
-    """Masked epsilon MSE (mean over all latent elements, method.md §2) per candidate and timestep bin."""
+    """Masked epsilon MSE (mean over all latent elements; docs/design.md, "Learning") per candidate and
+    timestep bin."""
     tok, text, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
     table = text.get_input_embeddings().weight
     probe_id = tok.convert_tokens_to_ids(PROBE)
@@ -119,7 +122,7 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--seeds", default=None, help="only these record seeds (comma-separated)")
     p.add_argument("--shapes", default=None, help="only objects of these shapes (comma-separated)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_loss_landscape.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_loss_landscape.json"))
     p.add_argument(
         "--model",
         default=None,

@@ -1,6 +1,6 @@
 """Does the toy model understand prompts of the LEARNING form, one slot per object?
 
-    python benchmarks/toyworld_prompt_forms.py [--model DIR] [--samples 2] [--scenes 12] [--threads 1]
+    python research/probes/toyworld_prompt_forms.py [--model DIR] [--samples 2] [--scenes 12] [--threads 1]
 
 ConceptExpress learns one token per concept and prompts "a photo of <c_0>" and "a photo of <c_0> and <c_1>";
 the toy model was trained on captions with two or three words per object ("a photo of a red circle").
@@ -20,7 +20,7 @@ Two measurements:
    true object, and a wrong object (same noise for all). "empty - slot" > 0 is the reduction one learned
    token can buy; where it is ~0 or negative, the loss has nothing to teach the token.
 
-Prints markdown tables and writes ``benchmarks/results/toyworld_prompt_forms.json`` (``--out``).
+Prints markdown tables and writes ``.toyworld-runs/probes/toyworld_prompt_forms.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument(
         "--forms", default=",".join(FORMS), help=f"text-to-image prompt forms, comma-separated, of {FORMS}"
     )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_prompt_forms.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_prompt_forms.json"))
     args = p.parse_args()
     forms = tuple(args.forms.split(","))
     if set(forms) - set(FORMS):

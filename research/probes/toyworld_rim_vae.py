@@ -1,11 +1,12 @@
 """Can the shipped VAE and ``toyworld.classify`` carry the rim world's outlines?
 
-    python benchmarks/toyworld_rim_vae.py [--scenes 64] [--threads 2]
+    python research/probes/toyworld_rim_vae.py [--scenes 64] [--threads 2]
 
 Encodes and decodes fresh scenes (seeds 40,000+, 1-3 objects) of the second world (``rim=0``) and of the rim
 world (``rim=RIM_WIDTH``) with the shipped VAE (posterior mean) and prints the reconstruction PSNR (images in
 [-1, 1]). Then ``classify`` reads fresh single-object rim scenes (seeds 41,000+): the renders and their VAE
-reconstructions, shape and colour against the ground truth. Writes ``benchmarks/results/toyworld_rim_vae.json``.
+reconstructions, shape and colour against the ground truth. Writes
+``.toyworld-runs/probes/toyworld_rim_vae.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+import _paths  # noqa: F401  (sys.path: the repository root and benchmarks/)
 import numpy as np
 import PIL.Image
 import torch
@@ -23,7 +25,7 @@ from diffusers import AutoencoderKL
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
 from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH
-from diffusers_conceptexpress.toyworld.train import to_tensor
+from research.toyworld_training.data import to_tensor
 
 
 @torch.no_grad()
@@ -50,7 +52,7 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=64)
     p.add_argument("--single", type=int, default=100, help="single-object scenes for classify")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_rim_vae.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_rim_vae.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     vae = AutoencoderKL.from_pretrained(model_path(), subfolder="vae")

@@ -1,6 +1,6 @@
 """Does the shipped toy text encoder separate shapes and colours? Mean distance between caption encodings.
 
-    python benchmarks/toyworld_text_encoder.py
+    python research/probes/toyworld_text_encoder.py
 
 For every pair of captions "a photo of a {colour} {shape}" that differ only in the shape word (or only in the
 colour word), the L2 distance between their first 12 hidden states (the caption, [EOT] and a few pads), and the

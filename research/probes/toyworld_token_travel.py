@@ -1,6 +1,6 @@
 """How far do learned tokens travel from their initialisation, per schedule? (Read from extraction records.)
 
-    python benchmarks/toyworld_token_travel.py [--records benchmarks/results/toyworld_extraction]
+    python research/probes/toyworld_token_travel.py [--records benchmarks/results/toyworld_extraction]
 
 For every record folder ``<fingerprint>/<variant>/<seed>/embeddings.safetensors`` written by
 ``benchmarks/toyworld.py``, the L2 distance between each learned concept embedding and its starting point
@@ -29,7 +29,7 @@ from diffusers_conceptexpress.toyworld import model_path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=Path, default=Path("benchmarks/results/toyworld_extraction"))
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/toyworld_token_travel.json"))
+    p.add_argument("--out", type=Path, default=Path(".toyworld-runs/probes/toyworld_token_travel.json"))
     args = p.parse_args()
     table = (
         CLIPTextModel.from_pretrained(model_path(), subfolder="text_encoder").get_input_embeddings().weight

@@ -9,8 +9,8 @@
 # on the new world's pool; EMA snapshots at 150, 300 and 450 steps (the base script's), 35-minute cap on the 2-core CPU.
 # Session 19: 417 steps in the cap; same localization, no gain for the learned tokens (72% against 74% on the
 # first 9 scenes with GT masks), so not shipped.
-# Usage: bash scripts/train_rim3_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v12/snapshots/step<N>/ (UNet folders)
+# Usage: bash research/recipes/train_rim3_cpu.sh [RUNS_DIR]   -> RUNS_DIR/v12/snapshots/step<N>/ (UNet folders)
 set -euo pipefail
 RUN=${RUN:-v12} RIM=3 STEPS=${STEPS:-450} MINUTES=${MINUTES:-35} \
     EXTRA="--separation-weight 0.5 --separation-margin 1.0" \
-    bash scripts/train_stripes_cpu.sh "${1:-.toyworld-runs}"
+    bash research/recipes/train_stripes_cpu.sh "${1:-.toyworld-runs}"

@@ -3,16 +3,16 @@
 #   1. the rim model: the shipped sixth model fine-tuned on rim scenes (--rim 2) with the sixth run's recipe;
 #   2. the self-attention grouping loss on top, two weights side by side, from the rim model's EMA weights.
 # Every run writes EMA snapshots, diffusers UNet folders, to <run>/snapshots/step<N> (the last step too, when a
-# time cap cuts a run short); pick one with benchmarks/toyworld_diagnostics.py and the census, then copy its
+# time cap cuts a run short); pick one with research/probes/toyworld_diagnostics.py and the census, then copy its
 # two files into src/diffusers_conceptexpress/toyworld/model/unet/ (the VAE and text encoder do not change).
 #
-# Usage: bash scripts/train_rim_gpu.sh [RUNS_DIR]
+# Usage: bash research/recipes/train_rim_gpu.sh [RUNS_DIR]
 # Environment: DEVICE (cuda), THREADS (4, per run), POOL_WORKERS (1), V7_STEPS (1633), G_STEPS (3000), G_SNAPSHOTS
 # (1000,2000,3000), GROUP_WEIGHTS ("0.5 0.25"), V7_MINUTES (3) and G_MINUTES (3): wall-clock caps.
 set -euo pipefail
 R=${1:-.toyworld-runs}
 M=src/diffusers_conceptexpress/toyworld/model
-TRAIN=(python3 -m diffusers_conceptexpress.toyworld.train)
+TRAIN=(python3 -m research.toyworld_training)
 RECIPE=(--pool 12000 --rim 2 --unet-arch attn-32-16 --unet-weighting noise-level --unet-lr 1e-3
     --eot-weight 0.2 --compound-prob 0.4 --coherence-weight 1.0 --coherence-distance 0.05
     --coherence-objects-only --diag-every 0 --threads "${THREADS:-4}" --device "${DEVICE:-cuda}" --pool-workers "${POOL_WORKERS:-1}")

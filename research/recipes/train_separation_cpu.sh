@@ -4,8 +4,8 @@
 # mean aggregated self-attention rows kept at least --separation-margin apart in symmetric KL), which the
 # localization census showed missing (docs/benchmarks.md, "Where our masks lose generations").
 #
-# Usage: bash scripts/train_separation_cpu.sh [RUNS_DIR]   (about 25 minutes on 2 cores, ~4.9 s/step)
-# Needs the rim world's pool: the seventh run's (<RUNS_DIR>/v7/pool.pt, from scripts/train_rim_gpu.sh) is
+# Usage: bash research/recipes/train_separation_cpu.sh [RUNS_DIR]   (about 25 minutes on 2 cores, ~4.9 s/step)
+# Needs the rim world's pool: the seventh run's (<RUNS_DIR>/v7/pool.pt, from research/recipes/train_rim_gpu.sh) is
 # copied when present; otherwise add "pool," to --stages (a few minutes more; same pool, same seed).
 # INIT: the model folder to start from (default: the shipped one). The eighth model started from the seventh;
 # to reproduce it after it shipped, build that folder first:
@@ -23,7 +23,7 @@ if [ -f "$R/v7/pool.pt" ]; then
 else
     STAGES=pool,unet
 fi
-python -m diffusers_conceptexpress.toyworld.train --run-dir "$D" --from-model $M --unet-init $M --stages "$STAGES" \
+python -m research.toyworld_training --run-dir "$D" --from-model $M --unet-init $M --stages "$STAGES" \
     --pool 12000 --rim 2 --unet-arch attn-32-16 --unet-weighting noise-level --unet-lr 1e-3 --eot-weight 0.2 \
     --compound-prob 0.4 --coherence-weight 1.0 --coherence-distance 0.05 --coherence-objects-only --diag-every 0 \
     --threads 2 --device cpu --group-weight 0.25 --separation-weight 0.5 --separation-margin 1.0 \

@@ -6,7 +6,7 @@
 # latent cells: the method's own single-concept learning objective, with the object's true slot as the
 # token. The extraction benchmark showed the learned tokens as the weak point (docs/benchmarks.md).
 #
-# Usage: bash scripts/train_single_cpu.sh [RUNS_DIR]   (STEPS, MINUTES, LR, SINGLE override the defaults)
+# Usage: bash research/recipes/train_single_cpu.sh [RUNS_DIR]   (STEPS, MINUTES, LR, SINGLE override the defaults)
 # Needs the rim world's pool: an earlier run's (<RUNS_DIR>/v8b or v7 pool.pt) is linked when present;
 # otherwise "pool," is added to --stages (a few minutes more; same pool, same seed).
 # INIT: the model folder to start from (default: the shipped one, the eighth model).
@@ -22,7 +22,7 @@ for src in "$R/v8b" "$R/v8" "$R/v7"; do
     fi
 done
 [ -f "$D/pool.pt" ] || STAGES=pool,unet
-python -m diffusers_conceptexpress.toyworld.train --run-dir "$D" --from-model $M --unet-init $M --stages "$STAGES" \
+python -m research.toyworld_training --run-dir "$D" --from-model $M --unet-init $M --stages "$STAGES" \
     --pool 12000 --rim 2 --unet-arch attn-32-16 --unet-weighting noise-level --unet-lr "${LR:-3e-4}" --eot-weight 0.2 \
     --compound-prob 0.4 --single-prob "${SINGLE:-0.3}" --coherence-weight 1.0 --coherence-distance 0.05 \
     --coherence-objects-only --diag-every 0 --threads 2 --device cpu --group-weight 0.25 --separation-weight 0.5 \

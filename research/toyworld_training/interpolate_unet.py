@@ -1,14 +1,17 @@
 """A toy model whose UNet is a weight interpolation of two UNets of the same architecture (WiSE-FT).
 
-    python scripts/interpolate_unet.py --base src/diffusers_conceptexpress/toyworld/model \
-        --other benchmarks/results/toyworld_wise_trial/v13_rerun_step386 --alpha 0.5 --out .toyworld-runs/wise/v13_a50
+    python -m research.toyworld_training.interpolate_unet --base MODEL_DIR --other UNET_DIR --alpha 0.5 \
+        --out OUT_DIR
 
 writes a copy of the ``--base`` model folder whose UNet weights are ``(1 - alpha) * base + alpha * other``
 (``alpha`` 0 gives the base, 1 the other). The two UNets must share every weight name and shape: ``--other``
 is meant to be a fine-tune of ``--base`` (a trial's EMA snapshot), so both lie in one basin and the straight
 line between them stays a working model (Wortsman et al., "Robust fine-tuning of zero-shot models", 2022).
-Sessions 25-26 (docs/toyworld.md, "Twentieth run") use it to keep the shipped model's colours while taking part
-of the shape-contrast trials' shapes; the command above rebuilds that candidate bit for bit (a test checks it).
+Sessions 25-26 (docs/toyworld.md, "Twentieth run") use it to keep the eleventh model's colours while taking
+part of the shape-contrast trial's shapes: the shipped UNet mixes the eleventh model's UNet
+(``research/rebuild/v11_unet``) and that trial's step-386 snapshot (``research/rebuild/v13_rerun_step386``)
+at alpha 0.5, which ``research/recipes/rebuild_shipped_unet.sh`` rebuilds bit for bit (a test checks it too).
+It also runs as a script: ``python research/toyworld_training/interpolate_unet.py``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
 - :func:`model_path` is the folder of the shipped diffusers pipeline (VAE, CLIP text encoder, tokenizer,
   UNet, DDIM scheduler), loadable offline by ``ConceptExpressPipeline`` and ``StableDiffusionPipeline``.
 - :func:`classify` reads the shape, colour and texture of the main object of images.
+- :func:`build_tokenizer` writes the toy tokenizer (every word of :data:`WORDS` one token).
 
-The model card is ``docs/toyworld.md``; the training recipe is ``python -m diffusers_conceptexpress.toyworld.train``.
+The model card is ``docs/toyworld.md``. This package holds inference only; the training code lives outside it,
+in the repository's ``research/`` folder: ``python -m research.toyworld_training`` (the model) and
+``python -m research.toyworld_training.classifier --train`` (the classifier), run from the repository root.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .scenes import (
     render_scene,
     shape_mask,
 )
+from .tokenizer import WORDS, build_tokenizer
 
 __all__ = [
     "BACKGROUNDS",
@@ -38,6 +42,7 @@ __all__ = [
     "WORDS",
     "WORLD_VERSION",
     "Scene",
+    "build_tokenizer",
     "caption_for",
     "classify",
     "model_path",
@@ -46,16 +51,13 @@ __all__ = [
     "shape_mask",
 ]
 
-#: every word of the toy vocabulary; the shipped tokenizer maps each to ONE token id
-WORDS = ("a", "photo", "of", "and", *SHAPES, *COLORS, *(t for t in TEXTURES if t != "plain"))
-
 
 def model_path() -> str:
     """Local folder of the shipped toy pipeline (pass it to ``from_pretrained``; nothing is downloaded)."""
     path = Path(__file__).resolve().parent / "model"
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"The toy-world model is missing from {path}; rebuild it with "
-            "`python -m diffusers_conceptexpress.toyworld.train --out " + str(path) + "`."
+            f"The toy-world model is missing from {path}; rebuild it from a checkout of the repository with "
+            "`python -m research.toyworld_training --out " + str(path) + "` (research/README.md)."
         )
     return str(path)

@@ -172,15 +172,6 @@ def test_shipped_model_is_small_safetensors_and_sd_shaped():
     assert vae["scaling_factor"] != 0.18215
 
 
-@pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    yield
-    mp.undo()
-
-
 def test_stable_diffusion_pipeline_loads_offline_and_generates(offline):
     from diffusers import StableDiffusionPipeline
 

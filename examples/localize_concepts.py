@@ -1,4 +1,4 @@
-"""Find the concepts of an image and save their masks and an overlay.
+"""Find the concepts of an image and save their masks (``mask_1.png`` ... ``mask_K.png``) and an overlay.
 
     python examples/localize_concepts.py IMAGE MODEL [OUT_DIR]
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffusers_conceptexpress import ConceptExpressPipeline, load_image
+from diffusers_conceptexpress.export import mask_filename
 from diffusers_conceptexpress.visualize import overlay_masks
 
 
@@ -23,9 +24,9 @@ def main(image: str, model: str, out: str = "concepts") -> None:
     result = pipe.localize_concepts(image)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for k, mask in enumerate(result.masks):
-        mask.save(out_dir / f"concept_{k}.png")
-    names = [f"concept {k}" for k in range(result.num_concepts)]
+    for k, mask in enumerate(result.masks, start=1):
+        mask.save(out_dir / mask_filename(k))
+    names = [f"concept {k}" for k in range(1, result.num_concepts + 1)]
     overlay_masks(load_image(image), result.masks, names).save(out_dir / "overlay.png")
     print(f"{result.num_concepts} concepts, EOT scores {result.eot_scores.tolist()}; written to {out_dir}")
     for note in result.notes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -32,7 +33,10 @@ def test_localize_writes_masks_overlay_and_json(model_dir, image_path, tmp_path,
     assert main(["localize", str(image_path), "--model", str(model_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "localization.json").read_text())
     assert summary["concepts"]
-    for concept in summary["concepts"]:
+    for k, concept in enumerate(summary["concepts"], start=1):
+        assert (
+            concept["mask"] == f"mask_{k}.png" and concept["name"] == f"concept_{k}"
+        )  # as extract names them
         mask = Image.open(out / concept["mask"])
         assert mask.size == (90, 70)
     assert Image.open(out / "overlay.png").size == (90, 70)
@@ -105,3 +109,33 @@ def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
     prompts = (out / "prompts.txt").read_text().splitlines()
     assert prompts[0] == "a photo of <ce>_1" and " and a " in prompts[-1]  # a changed context
     assert str(out / "samples.png") in capsys.readouterr().out
+
+
+def test_flags_keep_their_defaults_and_take_them_from_the_package():
+    from diffusers_conceptexpress.cli import build_parser
+    from diffusers_conceptexpress.evaluation import ENCODERS
+    from diffusers_conceptexpress.image_io import RESIZE_POLICIES
+    from diffusers_conceptexpress.learning import MIXED_PRECISION, SCHEDULES, LearningConfig
+    from diffusers_conceptexpress.localization import LOCALIZERS, LocalizationConfig
+
+    parser = build_parser()
+    ext = parser.parse_args(["extract", "x.png", "--model", "m", "--out", "o"])
+    assert (ext.steps, ext.schedule, ext.mixed_precision, ext.token_prefix) == (500, "fast", "no", "<ce>")
+    assert (ext.steps, ext.schedule) == (LearningConfig().num_train_steps, LearningConfig().schedule)
+    assert (ext.inference_steps, ext.guidance) == (50, 7.5)
+    loc = parser.parse_args(["localize", "x.png", "--model", "m", "--out", "o"])
+    assert (loc.method, loc.resize_policy) == ("conceptexpress", "squash")
+    assert loc.method == LocalizationConfig().method
+    ev = parser.parse_args(["evaluate", "results"])
+    assert ev.encoder == "clip" and ev.encoder in ENCODERS
+    assert parser.parse_args(["demo"]).steps == 500
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    def choices(command, dest):
+        return next(a.choices for a in sub.choices[command]._actions if a.dest == dest)
+
+    assert choices("extract", "schedule") == list(SCHEDULES)
+    assert choices("extract", "mixed_precision") == list(MIXED_PRECISION)
+    assert choices("localize", "method") == list(LOCALIZERS)
+    assert choices("localize", "resize_policy") == list(RESIZE_POLICIES)
+    assert choices("evaluate", "encoder") == list(ENCODERS)

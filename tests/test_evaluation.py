@@ -81,8 +81,16 @@ def test_masked_source_fills_outside_and_crops_a_square_box():
     assert (c[6, 6] == (10, 200, 30)).all() and (c[6, 0] == (127, 127, 127)).all()
     with pytest.raises(ValueError, match="empty"):
         masked_source(img, np.zeros((30, 40), dtype=bool))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="is 30x40 but the image is 40x30"):
         masked_source(img, np.zeros((40, 30), dtype=bool))
+    with pytest.raises(
+        ValueError, match="image's size"
+    ):  # PIL masks too: the mask must have the image's size
+        masked_source(img, Image.new("L", (20, 15), 255))
+    # a tensor mask gives the same picture as the bool array
+    assert np.array_equal(
+        np.asarray(masked_source(img, torch.from_numpy(mask))), np.asarray(masked_source(img, mask))
+    )
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -194,6 +202,28 @@ def test_mask_metrics_known_answers():
     pil = mask_metrics([a], [Image.fromarray(a.astype(np.uint8) * 255)])
     assert pil.miou == 1.0
     assert mask_metrics([], []).miou == 1.0 and mask_metrics([a], []).miou == 0.0
+
+
+def test_concept_prompts_use_the_template_recorded_with_the_concepts(tmp_path):
+    from diffusers_conceptexpress.evaluation import concept_prompts
+    from diffusers_conceptexpress.export import save_concepts
+
+    tokens = ["<ce>_1", "<ce>_2"]
+    assert concept_prompts(tokens) == [
+        "a photo of <ce>_1",
+        "a photo of <ce>_2",
+        "a photo of <ce>_1 and <ce>_2",
+    ]
+    masks = [Image.new("L", (64, 64), 255)] * 2
+    learning = {"prompt_template": "a drawing of {} on a table", "joint_separator": ", "}
+    save_concepts(tmp_path / "custom", torch.randn(2, 8), masks=masks, parameters={"learning": learning})
+    assert concept_prompts(tokens, tmp_path / "custom") == [
+        "a drawing of <ce>_1 on a table",
+        "a drawing of <ce>_2 on a table",
+        "a drawing of <ce>_1, <ce>_2 on a table",
+    ]
+    save_concepts(tmp_path / "unrecorded", torch.randn(1, 8), masks=masks[:1])  # no parameters: the defaults
+    assert concept_prompts(tokens[:1], tmp_path / "unrecorded") == ["a photo of <ce>_1"]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -339,37 +369,6 @@ def test_benchmark_counts_generations_right_per_object_shape():
     assert cells["star"].strip() == "-"
 
 
-def test_inversion_probe_picks_scenes_by_texture():
-    probe = load_benchmark("toyworld_inversion_probe")
-    striped = probe.probe_seeds(30_000, 3, "striped")
-    assert len(striped) == 3 and striped == sorted(striped) and striped[0] >= 30_000
-    assert all(render_scene(s, num_objects=1).objects[0]["texture"] == "striped" for s in striped)
-    assert probe.probe_seeds(30_000, 3) == [30_000, 30_001, 30_002]
-
-
-def test_alone_benchmark_pairs_each_object_with_its_joint_reading():
-    alone = load_benchmark("toyworld_alone")
-    rows = [  # "both" is the share of the object's generations right, as the probe's score writes it
-        {"seed": 1, "object": 0, "shape_name": "heart", "both": 0.75},
-        {"seed": 1, "object": 1, "shape_name": "circle", "both": 1.0},
-        {"seed": 2, "object": 0, "shape_name": "heart", "both": 0.0},
-    ]
-    joint = {(1, 0): {"both": 1}, (1, 1): {"both": 4}, (2, 0): {"both": 2}}
-    table = alone.summarize(rows, joint, samples=4)
-    assert table["all"] == {"objects": 3, "generations": 12, "alone": 7, "joint": 7}
-    assert table["heart"] == {"objects": 2, "generations": 8, "alone": 3, "joint": 3}
-    assert table["circle"]["alone"] == table["circle"]["joint"] == 4
-    assert "star" not in table
-    assert table["objects better"] == {"alone": 1, "joint": 1}
-    # against an earlier run of the script itself (e.g. objects learned in their scenes vs --isolate)
-    baseline = alone.as_reading(rows, samples=4)
-    assert baseline == {(1, 0): {"both": 3}, (1, 1): {"both": 4}, (2, 0): {"both": 0}}
-    isolated = [{**rows[0], "both": 1.0}, rows[1], rows[2]]
-    same = alone.summarize(isolated, baseline, samples=4)
-    assert same["all"]["alone"] == 8 and same["all"]["joint"] == 7
-    assert same["objects better"] == {"alone": 1, "joint": 0}
-
-
 def test_benchmark_claims_share_scenes_between_live_processes(tmp_path):
     bench = load_benchmark("toyworld")
     mine = tmp_path / "claims" / "fast_GT-masks" / "20000"
@@ -440,39 +439,6 @@ def test_benchmark_shape_confusion_counts_what_each_shape_was_drawn_as():
         line for line in bench.markdown(summary, header).splitlines() if line.startswith("| heart")
     )
     assert heart_row.strip("|").split("|")[1:] == [" 3 ", " 1 ", " 0 ", " 0 ", " 0 ", " 1 "]
-
-
-def test_loss_landscape_margin_adds_only_free_cells_around_each_mask():
-    grow = load_benchmark("toyworld_loss_landscape").loss_masks_with_margin
-    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
-    masks[0, 2:4, 1:3] = True
-    masks[1, 2:4, 3:5] = True  # touches concept 0 on its right
-    assert torch.equal(grow(masks, 0), masks)
-    out = grow(masks, 1)
-    assert out.shape == masks.shape and bool((out | masks).eq(out).all())  # supersets
-    assert not bool(out[0][masks[1]].any()) and not bool(out[1][masks[0]].any())  # never a neighbour's cell
-    assert int(out[0].sum()) == 16 - 2  # the 4x4 box around it less the 2 cells of concept 1 in it
-    assert bool(out[0, 1, 0]) and bool(out[0, 4, 3]) and not bool(out[0, 5, 1])
-    alone = grow(masks[:1], 2)
-    assert int(alone.sum()) == 6 * 5  # no other concept: the full Chebyshev band, cut by the left edge
-    with pytest.raises(ValueError, match="margin"):
-        grow(masks, -1)
-
-
-def test_alone_grow_learns_from_the_mask_and_its_free_band():
-    alone = load_benchmark("toyworld_alone")
-    scene = render_scene(20_005, num_objects=3)
-    for k in range(3):
-        assert np.array_equal(alone.learning_mask(scene, k, 0), scene.masks[k])
-        grown = alone.learning_mask(scene, k, 4)
-        others = np.any([m for j, m in enumerate(scene.masks) if j != k], axis=0)
-        assert grown.dtype == bool and grown.shape == scene.masks[k].shape
-        assert grown[scene.masks[k]].all() and not grown[others].any()
-        assert grown.sum() > scene.masks[k].sum()
-        ys, xs = np.nonzero(grown & ~scene.masks[k])  # every added pixel lies within 4 px of the object
-        yo, xo = np.nonzero(scene.masks[k])
-        chebyshev = np.maximum(np.abs(ys[:, None] - yo[None]), np.abs(xs[:, None] - xo[None]))
-        assert (chebyshev.min(1) <= 4).all()
 
 
 def test_benchmark_summarises_records_of_a_fingerprint_without_its_weights(tmp_path, monkeypatch, capsys):

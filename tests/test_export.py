@@ -13,7 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_conceptexpress import ConceptExpressPipeline
-from diffusers_conceptexpress.export import load_concepts, save_concepts
+from diffusers_conceptexpress.export import (
+    joint_embeddings,
+    load_concepts,
+    mask_filename,
+    prompt_format,
+    read_concepts,
+    read_concepts_index,
+    save_concepts,
+)
 
 
 def stock(path):
@@ -97,8 +105,9 @@ def test_files_and_metadata(extracted):
     k = result.num_concepts
     expected = {"concepts.json", "concepts.safetensors", "overlay.png", "source.png"}
     expected |= {f"concept_{i}.safetensors" for i in range(1, k + 1)} | {
-        f"mask_{i}.png" for i in range(1, k + 1)
+        mask_filename(i) for i in range(1, k + 1)
     }
+    assert mask_filename(1) == "mask_1.png"  # 1-based like the tokens <ce>_k
     assert set(files) == expected
     with safe_open(root / "concepts" / "concepts.safetensors", "pt") as f:
         meta = f.metadata()
@@ -109,6 +118,23 @@ def test_files_and_metadata(extracted):
     assert index["source"] == "source.png"  # the source image, what `conceptexpress evaluate` compares with
     assert Image.open(root / "concepts" / "source.png").size == result.image.size
     assert index["parameters"]["learning"]["num_train_steps"] == 3
+
+
+def test_saved_concepts_parse_back(extracted):
+    root, result, _, _, _ = extracted["sd2"]
+    folder = root / "concepts"
+    prefix, embeddings, tokens = read_concepts(folder)
+    assert prefix == "<ce>" and tokens == result.tokens
+    assert torch.equal(embeddings, result.embeddings)
+    stored = load_file(folder / "concepts.safetensors")["<ce>"]
+    assert torch.equal(stored, joint_embeddings(result.embeddings))  # the mean row, then the concepts
+    assert torch.equal(stored[0], result.embeddings.mean(0))
+    index = read_concepts_index(folder)
+    assert [c["mask"] for c in index["concepts"]] == [
+        mask_filename(k + 1) for k in range(result.num_concepts)
+    ]
+    assert prompt_format(folder) == ("a photo of {}", " and ")  # recorded by the run
+    assert prompt_format(None) == ("a photo of {}", " and ")
 
 
 def test_load_concepts_helper_and_pipeline_generation(extracted):

@@ -1,4 +1,5 @@
-"""Tests for :mod:`diffusers_conceptexpress.image_io` (input loading, validation, resizing, mask mapping)."""
+"""Tests for :mod:`diffusers_conceptexpress.image_io` (input loading, validation, resizing); mask_to_original
+is tested in test_masks.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from diffusers_conceptexpress.image_io import (
     ImageInputError,
     ResizeRecord,
     compute_model_size,
+    load_and_prepare_image,
     load_image,
-    mask_to_original,
     prepare_image,
 )
 
@@ -566,60 +567,14 @@ def test_prepare_image_without_resize_is_exact() -> None:
 def test_prepare_image_checks_arguments_before_loading(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="policy"):
         prepare_image(tmp_path / "missing.png", 512, policy="nope")
+    with pytest.raises(ValueError, match="policy"):
+        load_and_prepare_image(tmp_path / "missing.png", 512, policy="nope")
 
 
-# ----------------------------------------------------------------------------------------------------
-# mask_to_original
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_mask_to_original_block_on_8x8_grid() -> None:
-    grid = np.zeros((8, 8), dtype=bool)
-    grid[2:6, 2:6] = True  # rows/cols 2..5 -> pixels [25, 75) horizontally, [15, 45) vertically
-    record = ResizeRecord(original_size=(100, 60), model_size=(64, 64), policy="squash")
-    out = mask_to_original(grid, record)
-    assert out.mode == "L"
-    assert out.size == (100, 60)
-    arr = np.asarray(out)
-    expected = np.zeros((60, 100), dtype=np.uint8)
-    expected[15:45, 25:75] = 255
-    np.testing.assert_array_equal(arr, expected)
-    assert set(np.unique(arr).tolist()) == {0, 255}
-
-
-def test_mask_to_original_torch_non_square_grid() -> None:
-    grid = torch.zeros(4, 8, dtype=torch.bool)  # h=4, w=8 (e.g. a 64x32 latent of a 2:1 image)
-    grid[:, 4:] = True  # right half
-    record = ResizeRecord(original_size=(120, 70), model_size=(64, 32), policy="keep_aspect")
-    arr = np.asarray(mask_to_original(grid, record))
-    assert arr.shape == (70, 120)
-    assert (arr[:, 60:] == 255).all() and (arr[:, :60] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.uint8])
-def test_mask_to_original_numeric_01(dtype: torch.dtype) -> None:
-    grid = torch.zeros(64, 64, dtype=dtype)
-    grid[:32] = 1
-    record = ResizeRecord(original_size=(64, 128), model_size=(512, 512), policy="squash")
-    arr = np.asarray(mask_to_original(grid, record))
-    assert arr.shape == (128, 64)
-    assert (arr[:64] == 255).all() and (arr[64:] == 0).all()
-
-
-def test_mask_to_original_round_trip_through_prepare_image() -> None:
-    image = np.zeros((H, W, 3), dtype=np.uint8)
-    _, record = prepare_image(image, 64, policy="squash")
-    latent_mask = np.ones((8, 8), dtype=bool)
-    out = mask_to_original(latent_mask, record)
-    assert out.size == (W, H)
-    assert (np.asarray(out) == 255).all()
-
-
-def test_mask_to_original_rejects_bad_masks() -> None:
-    record = ResizeRecord(original_size=(64, 64), model_size=(64, 64), policy="squash")
-    with pytest.raises(ValueError, match="2-D"):
-        mask_to_original(np.zeros((1, 8, 8), dtype=bool), record)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        mask_to_original(np.full((8, 8), 2), record)
-    with pytest.raises(TypeError, match="list"):
-        mask_to_original([[0, 1]], record)  # type: ignore[arg-type]
+def test_load_and_prepare_image_gives_the_loaded_image_and_the_same_model_input(tmp_path: Path) -> None:
+    path = tmp_path / "pattern.png"
+    Image.fromarray(_pattern_rgb()).save(path)
+    rgb, pixels, record = load_and_prepare_image(path, 32, policy="keep_aspect")
+    np.testing.assert_array_equal(_assert_rgb(rgb), np.asarray(load_image(path)))
+    expected_pixels, expected_record = prepare_image(path, 32, policy="keep_aspect")
+    assert torch.equal(pixels, expected_pixels) and record == expected_record

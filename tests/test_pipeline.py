@@ -169,3 +169,29 @@ def test_bad_inputs_fail_before_model_work(tiny_pipe, vae_calls, tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         tiny_pipe.localize_concepts(make_image(), resolution=30)
     assert vae_calls == []
+
+
+@pytest.mark.parametrize("kind", ["sd1"], indirect=True)
+def test_image_decoded_once_and_vae_encodes_counted(tiny_pipe, tmp_path, monkeypatch):
+    import diffusers_conceptexpress.image_io as image_io
+
+    path = tmp_path / "scene.png"
+    make_image().save(path)
+    decodes, encodes = [], []  # one entry per image decode; per VAE encode call, its batch size
+    decode, encode = image_io._pil_to_rgb, tiny_pipe.vae.encode
+    monkeypatch.setattr(image_io, "_pil_to_rgb", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+    monkeypatch.setattr(
+        tiny_pipe.vae, "encode", lambda x, *a, **k: encodes.append(len(x)) or encode(x, *a, **k)
+    )
+    tiny_pipe.localize_concepts(path)
+    assert len(decodes) == 1 and encodes == [1]
+    options = dict(num_train_steps=1, split_steps=0, sinkhorn_iters=1, load=False)
+    decodes.clear(), encodes.clear()
+    tiny_pipe.extract_concepts(path, **options)
+    # decoded once; 2 encodes: the image for localization, then the image and its flip for learning
+    assert len(decodes) == 1 and encodes == [1, 2]
+    decodes.clear(), encodes.clear()
+    mask = np.zeros((80, 96), bool)
+    mask[10:50, 20:70] = True
+    tiny_pipe.extract_concepts(path, masks=[mask], **options)
+    assert len(decodes) == 1 and encodes == [2]  # user masks: no localization pass

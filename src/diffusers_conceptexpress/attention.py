@@ -7,7 +7,7 @@ their original processor (SDPA by default), so capture costs nothing where nothi
 Self-attention is never stored layer by layer. Every recorded self-attention layer adds its head-averaged
 probabilities, computed in chunks of query rows, straight into ONE running (R^2 x R^2) sum on the largest
 attention grid R (the latent grid): the key axis is upsampled bilinearly, the query axis by nearest
-neighbour, and the layer is weighted (ConceptExpress, method.md section 1.4). Rows are normalised at the end.
+neighbour, and the layer is weighted (docs/design.md, 'Localization'). Rows are normalised at the end.
 
 Cross-attention is kept for chosen token positions only, head-averaged, per layer; with ``cross_with_grad``
 the maps keep their autograd graph (the concept-learning stage trains through them).

@@ -12,6 +12,7 @@ Errors are one line on stderr and a non-zero exit; a failed run leaves no output
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,21 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .evaluation import ENCODERS
+from .image_io import RESIZE_POLICIES
+from .learning import MIXED_PRECISION, SCHEDULES, LearningConfig
+from .localization import LOCALIZERS, LocalizationConfig
+from .tokens import DEFAULT_TOKEN_PREFIX
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Generation settings of the sample grid, `generate` and `evaluate` unless flags say otherwise.
+INFERENCE_STEPS = 50
+GUIDANCE = 7.5
+
+
+def _default(config: type, name: str):
+    """The default of option ``name`` of a config dataclass (one source of truth for the flags' defaults)."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == name)
 
 
 def _load_pipeline(model: str, device: str | None, dtype: str):
@@ -32,19 +46,22 @@ def _load_pipeline(model: str, device: str | None, dtype: str):
 
 
 def _save_localization(result, image, out: Path) -> None:
+    from .export import mask_filename
     from .image_io import load_image
     from .visualize import heatmap, overlay_masks
 
     source = load_image(image)
-    names = [f"concept_{k}" for k in range(result.num_concepts)]
-    for name, mask in zip(names, result.masks, strict=True):
-        mask.save(out / f"mask_{name}.png")
+    names = [f"concept_{k}" for k in range(1, result.num_concepts + 1)]
+    for k, mask in enumerate(result.masks, start=1):
+        mask.save(out / mask_filename(k))
     overlay_masks(source, result.masks, names).save(out / "overlay.png")
     heatmap(result.eot_map, source.size).save(out / "eot_map.png")
     summary = {
         "concepts": [
-            {"name": n, "mask": f"mask_{n}.png", "eot_score": float(s), "pixels": int(m.sum())}
-            for n, s, m in zip(names, result.eot_scores, result.latent_masks, strict=True)
+            {"name": n, "mask": mask_filename(k), "eot_score": float(s), "pixels": int(m.sum())}
+            for k, (n, s, m) in enumerate(
+                zip(names, result.eot_scores, result.latent_masks, strict=True), start=1
+            )
         ],
         "level": result.level,
         "cluster_counts": result.cluster_counts,
@@ -86,13 +103,23 @@ def _check_new_dir(out: Path, overwrite: bool) -> None:
 
 
 def sample_grid(
-    pipe, tokens: list[str], *, seed: int, steps: int, guidance: float, extra_prompts: tuple[str, ...] = ()
+    pipe,
+    tokens: list[str],
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    extra_prompts: tuple[str, ...] = (),
+    concepts: Path | None = None,
 ) -> tuple:
-    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid."""
+    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid.
+
+    The prompts use the run's template, read from the concept directory ``concepts`` when given.
+    """
     from .evaluation import concept_prompts
     from .visualize import image_grid
 
-    prompts = concept_prompts(tokens)
+    prompts = concept_prompts(tokens, concepts)
     prompts += list(extra_prompts)
     images = [
         pipe(
@@ -126,7 +153,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
         result.save(tmp, overwrite=True)
         if args.samples:
             grid, _ = sample_grid(
-                pipe, result.tokens, seed=args.seed, steps=args.inference_steps, guidance=args.guidance
+                pipe,
+                result.tokens,
+                seed=args.seed,
+                steps=args.inference_steps,
+                guidance=args.guidance,
+                concepts=tmp,
             )
             grid.save(tmp / "samples.png")
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
@@ -136,11 +168,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .atomic import atomic_file
-    from .export import read_concepts_index
+    from .export import load_concepts, read_concepts_index
 
-    index = read_concepts_index(args.concepts)  # validate before loading any model
+    read_concepts_index(args.concepts)  # validate before loading any model
     pipe = _load_pipeline(args.model, args.device, args.dtype)
-    pipe.load_textual_inversion(str(Path(args.concepts) / index["file"]))
+    load_concepts(pipe, args.concepts)
     image = pipe(
         args.prompt,
         num_inference_steps=args.inference_steps,
@@ -185,7 +217,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         scene.image.save(tmp / "scene.png")
         result.save(tmp / "concepts", overwrite=True)
         grid, prompts = sample_grid(
-            pipe, result.tokens, seed=args.seed, steps=25, guidance=5.0, extra_prompts=(context,)
+            pipe,
+            result.tokens,
+            seed=args.seed,
+            steps=25,
+            guidance=5.0,
+            extra_prompts=(context,),
+            concepts=tmp / "concepts",
         )
         grid.save(tmp / "samples.png")
         overlay = PIL.Image.open(tmp / "concepts" / "overlay.png")
@@ -231,16 +269,20 @@ def evaluation_samples(
     """Generations of a concept directory for evaluation, cached in ``<directory>/evaluation_samples/``.
 
     ``samples`` images of "a photo of <c_k>" per concept (seeds ``seed .. seed + samples - 1``) and as many of
-    the joint prompt (K >= 2). The cache is reused when its settings match, else regenerated (atomically).
+    the joint prompt (K >= 2), with the prompt template the concepts were learned with. The cache is reused
+    when its settings match, else regenerated (atomically).
     """
 
     from .atomic import atomic_directory
     from .evaluation import generate_samples, read_samples
-    from .export import load_concepts
+    from .export import load_concepts, prompt_format, read_concepts_index
 
     cache = directory / "evaluation_samples"
     settings = {"samples": samples, "seed": seed, "steps": steps, "guidance": guidance}
-    index = json.loads((directory / "concepts.json").read_text())
+    template, separator = prompt_format(directory)
+    if (template, separator) != prompt_format(None):  # recorded only when not the default, so that caches
+        settings.update(prompt_template=template, joint_separator=separator)  # of default runs stay valid
+    index = read_concepts_index(directory)
     k = len(index["concepts"])
     meta = cache / "settings.json"
     if not (meta.is_file() and json.loads(meta.read_text()) == settings):
@@ -248,7 +290,14 @@ def evaluation_samples(
         try:
             with atomic_directory(cache, overwrite=True) as tmp:
                 prompts = generate_samples(
-                    pipe, tokens, tmp, samples=samples, seed=seed, steps=steps, guidance=guidance
+                    pipe,
+                    tokens,
+                    tmp,
+                    samples=samples,
+                    seed=seed,
+                    steps=steps,
+                    guidance=guidance,
+                    concepts=directory,
                 )
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
@@ -263,6 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .atomic import atomic_file
     from .evaluation import ConceptSet, evaluate_concepts, make_encoder
+    from .export import read_concepts_index
 
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}.")
@@ -272,7 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pipes: dict[str, object] = {}
     sets = []
     for d in dirs:
-        index = json.loads((d / "concepts.json").read_text())
+        index = read_concepts_index(d)
         base = args.pipeline or index.get("base_model")
         if not base:
             raise ValueError(f"{str(d)!r} does not name its base model; pass --pipeline PATH_OR_ID.")
@@ -333,20 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("image", help="image file")
     _add_model_args(ext)
     ext.add_argument("--out", required=True, help="output directory (created; must not exist)")
-    ext.add_argument("--steps", type=int, default=500, help="training steps (authors: 500)")
-    ext.add_argument("--schedule", default="fast", choices=["fast", "faithful"])
-    ext.add_argument("--token-prefix", default="<ce>", help="concepts become <prefix>_1 ... <prefix>_K")
-    ext.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    steps = _default(LearningConfig, "num_train_steps")
+    ext.add_argument("--steps", type=int, default=steps, help=f"training steps (authors: {steps})")
+    ext.add_argument("--schedule", default=_default(LearningConfig, "schedule"), choices=list(SCHEDULES))
+    ext.add_argument(
+        "--token-prefix", default=DEFAULT_TOKEN_PREFIX, help="concepts become <prefix>_1 ... <prefix>_K"
+    )
+    ext.add_argument(
+        "--mixed-precision",
+        default=_default(LearningConfig, "mixed_precision"),
+        choices=list(MIXED_PRECISION),
+    )
     ext.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grid")
-    ext.add_argument("--inference-steps", type=int, default=50, help="sampling steps of the sample grid")
-    ext.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the sample grid")
+    ext.add_argument(
+        "--inference-steps", type=int, default=INFERENCE_STEPS, help="sampling steps of the sample grid"
+    )
+    ext.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the sample grid")
     ext.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ext.set_defaults(func=cmd_extract)
 
     demo = sub.add_parser("demo", help="run the whole method offline on the shipped toy model")
     demo.add_argument("--out", default="conceptexpress-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--scene", type=int, default=DEMO_SCENE, help="toy scene number (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=500, help="training steps (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=steps, help="training steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     demo.set_defaults(func=cmd_demo)
@@ -356,15 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help='e.g. "a photo of <ce>_1 in the snow"')
     gen.add_argument("--out", default="generated.png", help="output PNG file")
-    gen.add_argument("--inference-steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS)
+    gen.add_argument("--guidance", type=float, default=GUIDANCE)
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser(
         "evaluate", help="SIM^I, SIM^C, ACC^1, ACC^3 of extract outputs (the paper's metrics)"
     )
     ev.add_argument("results", help="a directory written by `extract`, or a folder of them")
-    ev.add_argument("--encoder", default="clip", choices=["clip", "dino", "toy"])
+    ev.add_argument("--encoder", default=ENCODERS[0], choices=list(ENCODERS))
     ev.add_argument(
         "--model",
         default=None,
@@ -374,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline", default=None, help="SD model that generates (default: each extraction's base model)"
     )
     ev.add_argument("--samples", type=int, default=8, help="generations per concept and for the joint prompt")
-    ev.add_argument("--inference-steps", type=int, default=50)
-    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS)
+    ev.add_argument("--guidance", type=float, default=GUIDANCE)
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ev.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ev.add_argument("--seed", type=int, default=0, help="seed of the first sample (then seed + 1, ...)")
@@ -388,9 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("image", help="image file")
     _add_model_args(loc)
     loc.add_argument("--out", required=True, help="output directory (created; must not exist)")
-    loc.add_argument("--method", default="conceptexpress", choices=["conceptexpress", "finch", "kmeans"])
+    loc.add_argument("--method", default=_default(LocalizationConfig, "method"), choices=list(LOCALIZERS))
     loc.add_argument("--num-concepts", type=int, default=None, help="K, for --method kmeans")
-    loc.add_argument("--resize-policy", default="squash", choices=["squash", "keep_aspect"])
+    loc.add_argument(
+        "--resize-policy",
+        default=_default(LocalizationConfig, "resize_policy"),
+        choices=list(RESIZE_POLICIES),
+    )
     loc.add_argument("--resolution", type=int, default=None, help="model input side in pixels")
     loc.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     loc.set_defaults(func=cmd_localize)

@@ -1,6 +1,7 @@
 """Evaluation: the paper's concept metrics (SIM^I, SIM^C, ACC^1, ACC^3) and mask metrics against ground truth.
 
-The authors released no evaluation code; this module implements the protocol of the paper (method.md §4):
+The authors released no evaluation code; this module implements the protocol of the paper
+(docs/evaluation.md, 'Concept metrics'):
 
 - **SIM^I** (identity): cosine similarity, under an image encoder, between images generated from
   ``"a photo of <c_k>"`` and the source image *masked to concept k*; mean over the samples of a concept, then
@@ -37,6 +38,8 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+
+from .masks import as_bool_mask
 
 __all__ = [
     "CLIPImageEncoder",
@@ -81,32 +84,21 @@ class MaskedSourcePolicy:
     margin: float = 0.1
 
 
-def _as_bool_mask(mask, size: tuple[int, int]) -> np.ndarray:
-    """A boolean (H, W) array at the image ``size`` (W, H) from a PIL mask, numpy array or tensor."""
-    if isinstance(mask, PIL.Image.Image):
-        if mask.size != size:
-            mask = mask.resize(size, PIL.Image.Resampling.NEAREST)
-        return np.asarray(mask.convert("L")) > 127
-    arr = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
-    if arr.shape != (size[1], size[0]):
-        raise ValueError(f"mask has shape {arr.shape}, the image is {size[1]}x{size[0]} (H x W).")
-    return arr > 0.5 if arr.dtype != bool else arr
-
-
 def masked_source(image: PIL.Image.Image, mask, policy: MaskedSourcePolicy | None = None) -> PIL.Image.Image:
     """The source ``image`` masked to one concept (see :class:`MaskedSourcePolicy`).
 
     Args:
         image: the source image (any PIL mode; converted to RGB).
-        mask: the concept's mask at the image size: PIL "L"/"1" (> 127 = inside), or a (H, W) bool/0-1 array.
+        mask: the concept's mask at the image size, as :func:`~diffusers_conceptexpress.masks.as_bool_mask`
+            accepts (PIL "L"/"1", > 127 = inside; a (H, W) bool or 0/1 array or tensor).
     Returns:
         an RGB image: square when ``policy.crop``, else the image size.
     Raises:
-        ValueError: if the mask is empty.
+        ValueError: if the mask is empty or not of the image's size.
     """
     policy = policy or MaskedSourcePolicy()
     rgb = np.asarray(image.convert("RGB")).copy()
-    m = _as_bool_mask(mask, image.size)
+    m = as_bool_mask(mask, image.size)
     if not m.any():
         raise ValueError("the mask is empty: there is nothing to mask the source image to.")
     rgb[~m] = policy.fill
@@ -275,6 +267,7 @@ class ToyImageEncoder:
         return F.normalize(torch.cat(feats), dim=-1)
 
 
+# Names of make_encoder; the first is the default of `conceptexpress evaluate --encoder`.
 ENCODERS = ("clip", "dino", "toy")
 
 
@@ -413,26 +406,42 @@ def evaluate_concepts(
     )
 
 
-def concept_prompts(tokens: Sequence[str]) -> list[str]:
-    """ "a photo of <c_k>" for every concept, then the joint prompt "a photo of <c_1> and ... and <c_K>" (K >= 2)."""
-    prompts = [f"a photo of {t}" for t in tokens]
+def concept_prompts(tokens: Sequence[str], concepts=None) -> list[str]:
+    """The prompt of every concept alone, then the joint prompt of all of them (K >= 2).
+
+    The template and the joint separator are the run's, read from ``<concepts>/concepts.json`` (a concept
+    directory); without ``concepts``, or when the file does not record them, LearningConfig's defaults:
+    "a photo of <c_k>" and "a photo of <c_1> and ... and <c_K>".
+    """
+    from .export import prompt_format
+
+    template, separator = prompt_format(concepts)
+    prompts = [template.format(t) for t in tokens]
     if len(tokens) > 1:
-        prompts.append("a photo of " + " and ".join(tokens))
+        prompts.append(template.format(separator.join(tokens)))
     return prompts
 
 
 def generate_samples(
-    pipe, tokens: Sequence[str], folder, *, samples: int, seed: int, steps: int, guidance: float
+    pipe,
+    tokens: Sequence[str],
+    folder,
+    *,
+    samples: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    concepts=None,
 ) -> list[str]:
     """Generate the evaluation images of one extraction into ``folder`` (its tokens loaded in ``pipe``).
 
     Writes ``concept_<k>_<i>.png`` (k = 1..K) and ``joint_<i>.png`` for i < ``samples``; image i of every prompt
-    uses the seed ``seed + i``. Returns the prompts (see :func:`concept_prompts`); read back with
-    :func:`read_samples`.
+    uses the seed ``seed + i``. Returns the prompts (see :func:`concept_prompts`, which reads the run's prompt
+    template from the concept directory ``concepts`` when given); read back with :func:`read_samples`.
     """
     from pathlib import Path
 
-    prompts = concept_prompts(tokens)
+    prompts = concept_prompts(tokens, concepts)
     for p_i, prompt in enumerate(prompts):
         images = pipe(
             prompt,
@@ -479,15 +488,10 @@ class MaskMetrics:
 
 
 def iou_matrix(ground_truth: Sequence, predicted: Sequence) -> np.ndarray:
-    """(G, P) IoU between boolean masks of one image (arrays, tensors or PIL masks of the same size)."""
-    gt = [
-        np.asarray(m, dtype=bool) if not isinstance(m, PIL.Image.Image) else np.asarray(m) > 127
-        for m in ground_truth
-    ]
-    pr = [
-        np.asarray(m, dtype=bool) if not isinstance(m, PIL.Image.Image) else np.asarray(m) > 127
-        for m in predicted
-    ]
+    """(G, P) IoU between binary masks of one image, of the same size, each as
+    :func:`~diffusers_conceptexpress.masks.as_bool_mask` accepts (bool arrays, tensors, PIL masks)."""
+    gt = [as_bool_mask(m, name=f"Ground-truth mask {i}") for i, m in enumerate(ground_truth)]
+    pr = [as_bool_mask(m, name=f"Predicted mask {i}") for i, m in enumerate(predicted)]
     out = np.zeros((len(gt), len(pr)))
     for i, g in enumerate(gt):
         for j, p in enumerate(pr):

@@ -10,9 +10,9 @@ Layout of a saved concept directory (K concepts, token prefix ``<p>``, default `
   loads alone with the stock loader (same token string as above) and in A1111-style tools (which name the
   token after the file).
 - ``concepts.json``: the index (tokens, files, masks, scores, base model, parameters, version).
-- ``mask_<k>.png``: each concept's mask at the original image size; ``source.png``: the source image (RGB,
-  original size; what ``conceptexpress evaluate`` compares generations with); ``overlay.png``: the image with
-  the coloured masks and token names.
+- ``mask_<k>.png`` (:func:`mask_filename`, k = 1..K): each concept's mask at the original image size;
+  ``source.png``: the source image (RGB, original size; what ``conceptexpress evaluate`` compares generations
+  with); ``overlay.png``: the image with the coloured masks and token names.
 
 Every safetensors header carries the token(s) and the base model as metadata.
 """
@@ -29,11 +29,35 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_directory
-from .tokens import concept_token_names
+from .learning import JOINT_SEPARATOR, PROMPT_TEMPLATE
+from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
 
-__all__ = ["FORMAT_VERSION", "load_concepts", "read_concepts_index", "save_concepts"]
+__all__ = [
+    "FORMAT_VERSION",
+    "joint_embeddings",
+    "load_concepts",
+    "mask_filename",
+    "prompt_format",
+    "read_concepts",
+    "read_concepts_index",
+    "save_concepts",
+]
 
 FORMAT_VERSION = 1
+
+
+def mask_filename(k: int) -> str:
+    """File name of concept ``k``'s mask (1-based, like the tokens ``<p>_k``): ``mask_<k>.png``.
+
+    Used by every writer of masks (:func:`save_concepts`, ``conceptexpress localize``, the examples).
+    """
+    return f"mask_{k}.png"
+
+
+def joint_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """The ``[K + 1, D]`` tensor stored under ``<p>``: the mean of the K concepts (token ``<p>``), then the
+    concepts (``<p>_1 ... <p>_K``)."""
+    return torch.cat([embeddings.mean(0, keepdim=True), embeddings], dim=0).contiguous()
 
 
 def save_concepts(
@@ -45,7 +69,7 @@ def save_concepts(
     scores: Sequence[float] | None = None,
     base_model: str = "",
     parameters: dict | None = None,
-    token_prefix: str = "<ce>",
+    token_prefix: str = DEFAULT_TOKEN_PREFIX,
     version: str = "",
     overwrite: bool = False,
 ) -> Path:
@@ -81,9 +105,8 @@ def save_concepts(
         overwrite = True
     meta = {"base_model": str(base_model), "generator": f"diffusers-conceptexpress {version or __version__}"}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        joint = torch.cat([emb.mean(0, keepdim=True), emb], dim=0).contiguous()
         save_file(
-            {token_prefix: joint},
+            {token_prefix: joint_embeddings(emb)},
             tmp / "concepts.safetensors",
             metadata={**meta, "token": token_prefix, "tokens": json.dumps(tokens)},
         )
@@ -91,7 +114,7 @@ def save_concepts(
         for i, token in enumerate(tokens):
             file = f"concept_{i + 1}.safetensors"
             save_file({token: emb[i : i + 1].clone()}, tmp / file, metadata={**meta, "token": token})
-            mask_file = f"mask_{i + 1}.png"
+            mask_file = mask_filename(i + 1)
             masks[i].convert("L").save(tmp / mask_file)
             entry = {"token": token, "file": file, "mask": mask_file}
             entry["score"] = None if scores is None or scores[i] is None else float(scores[i])
@@ -123,6 +146,33 @@ def read_concepts_index(directory: str | os.PathLike) -> dict:
             "extract_concepts(...).save() or `conceptexpress extract`."
         )
     return json.loads(path.read_text())
+
+
+def read_concepts(directory: str | os.PathLike) -> tuple[str, torch.Tensor, list[str]]:
+    """The concepts saved in ``directory``: ``(prefix, embeddings, tokens)``.
+
+    ``prefix`` is the token of all concepts (``<ce>``), ``embeddings`` the (K, D) concept rows of
+    ``concepts.safetensors`` (without the mean row), ``tokens`` the K prompt tokens in order.
+    """
+    from safetensors.torch import load_file
+
+    index = read_concepts_index(directory)
+    prefix = index["all_concepts_token"]
+    state = load_file(str(Path(directory) / index["file"]))
+    return prefix, state[prefix][1:], [c["token"] for c in index["concepts"]]
+
+
+def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
+    """``(prompt_template, joint_separator)`` the concepts in ``directory`` were learned with.
+
+    Read from the learning parameters that ``concepts.json`` records; the defaults of
+    :class:`~diffusers_conceptexpress.LearningConfig` (``"a photo of {}"``, ``" and "``) when ``directory`` is
+    None or the file does not record them.
+    """
+    learning = {}
+    if directory is not None:
+        learning = (read_concepts_index(directory).get("parameters") or {}).get("learning") or {}
+    return learning.get("prompt_template", PROMPT_TEMPLATE), learning.get("joint_separator", JOINT_SEPARATOR)
 
 
 def load_concepts(pipe, directory: str | os.PathLike) -> list[str]:

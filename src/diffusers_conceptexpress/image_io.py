@@ -43,6 +43,7 @@ __all__ = [
     "ImageInputError",
     "ResizeRecord",
     "compute_model_size",
+    "load_and_prepare_image",
     "load_image",
     "mask_to_original",
     "prepare_image",
@@ -394,16 +395,29 @@ def prepare_image(
         ValueError: For invalid ``resolution`` / ``multiple`` / ``policy`` (checked before loading).
         FileNotFoundError, ImageInputError, TypeError: See :func:`load_image`.
     """
+    _, pixels, record = load_and_prepare_image(image, resolution, multiple=multiple, policy=policy)
+    return pixels, record
+
+
+def load_and_prepare_image(
+    image: ImageInput, resolution: int, *, multiple: int = 8, policy: str = "squash"
+) -> tuple[Image.Image, torch.Tensor, ResizeRecord]:
+    """:func:`prepare_image` that also returns the loaded image: ``(rgb, pixels, record)``.
+
+    ``rgb`` is what :func:`load_image` returns (RGB, original size), so a caller that needs both the image
+    and the model input decodes the input once. Arguments and errors are those of :func:`prepare_image`.
+    """
     _check_resize_args(resolution, multiple, policy)
     rgb = load_image(image)
     original_size = rgb.size
     model_size = compute_model_size(original_size, resolution, multiple, policy)
-    if original_size != model_size:
-        rgb = rgb.resize(model_size, resample=Image.Resampling.BICUBIC)
-    array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    resized = (
+        rgb.resize(model_size, resample=Image.Resampling.BICUBIC) if original_size != model_size else rgb
+    )
+    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
     pixels = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
     record = ResizeRecord(original_size=original_size, model_size=model_size, policy=policy)
-    return pixels, record
+    return rgb, pixels, record
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Concept learning (method.md §2): one token embedding per concept, with split-and-merge.
+"""Concept learning (docs/design.md, 'Learning'): one token embedding per concept, with split-and-merge.
 
 Only new token embeddings train; UNet, VAE and text encoder stay frozen (and unmodified, see
 :mod:`~diffusers_conceptexpress.tokens`). The clean image latent and its horizontal flip are encoded ONCE by
@@ -44,10 +44,21 @@ from .attention import (
 from .losses import diffusion_target, grid_cost, masked_diffusion_loss, sinkhorn_distance, supcon_loss
 from .tokens import TrainableTokens, default_init_ids
 
-__all__ = ["SCHEDULES", "LearnedConcepts", "LearningConfig", "evaluate_masked_loss", "learn_concepts"]
+__all__ = [
+    "JOINT_SEPARATOR",
+    "MIXED_PRECISION",
+    "PROMPT_TEMPLATE",
+    "SCHEDULES",
+    "LearnedConcepts",
+    "LearningConfig",
+    "learn_concepts",
+]
 
 SCHEDULES = ("fast", "faithful")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: Default training prompt ("{}" is replaced by the token(s)) and separator of the tokens in the joint prompt.
+PROMPT_TEMPLATE = "a photo of {}"
+JOINT_SEPARATOR = " and "
 
 
 @dataclass
@@ -73,9 +84,6 @@ class LearningConfig:
         mixed_precision: "no", "fp16" or "bf16" autocast for the frozen models (embeddings stay fp32).
         max_batch_size: "fast" only: micro-batch size (None: all prompts of a step at once).
         init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100).
-        timestep_range: ``(low, high)``: training timesteps are drawn uniformly from ``[low, high)``
-            (None: ``[0, num_train_timesteps)``, the authors'). A diagnostic knob, not a method option: it
-            shows which noise levels the learned tokens fit (docs/toyworld.md).
     """
 
     num_train_steps: int = 500
@@ -94,12 +102,11 @@ class LearningConfig:
     attention_factor: int = 4
     flip_probability: float = 0.5
     joint_prompt: bool = True
-    prompt_template: str = "a photo of {}"
-    joint_separator: str = " and "
+    prompt_template: str = PROMPT_TEMPLATE
+    joint_separator: str = JOINT_SEPARATOR
     mixed_precision: str = "no"
     max_batch_size: int | None = None
     init_offset: int = 100
-    timestep_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -118,28 +125,11 @@ class LearningConfig:
             )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {self.max_batch_size}.")
-        if self.timestep_range is not None:
-            low, high = self.timestep_range
-            if not 0 <= low < high:
-                raise ValueError(
-                    f"timestep_range must be (low, high) with 0 <= low < high, got {self.timestep_range}."
-                )
-            self.timestep_range = (int(low), int(high))
-
-    def check_scheduler(self, num_train_timesteps: int) -> None:
-        """Raise ``ValueError`` when ``timestep_range`` reaches past the scheduler's ``num_train_timesteps``."""
-        if self.timestep_range is not None and self.timestep_range[1] > num_train_timesteps:
-            raise ValueError(
-                f"timestep_range={self.timestep_range} reaches past the scheduler's {num_train_timesteps} "
-                f"training timesteps; use a high end <= {num_train_timesteps}."
-            )
 
     def to_dict(self) -> dict:
         """Plain-JSON view of the options."""
         d = asdict(self)
         d["adam_betas"] = list(d["adam_betas"])
-        if d["timestep_range"] is not None:
-            d["timestep_range"] = list(d["timestep_range"])
         return d
 
     def num_updates(self, num_concepts: int) -> int:
@@ -242,8 +232,8 @@ class _Trainer:
         b = len(prompts)
         lat = self.latents[flip].expand(b, -1, -1, -1)
         noise = randn_tensor(lat.shape, generator=self.generator, device=self.device, dtype=lat.dtype)
-        low, high = cfg.timestep_range or (0, self.noise_scheduler.config.num_train_timesteps)
-        t = torch.randint(low, high, (b,), generator=self.generator).to(self.device)
+        high = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, high, (b,), generator=self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(lat, noise, t)
         recorder = AttentionRecorder(
             self.latent_size,
@@ -314,7 +304,6 @@ def learn_concepts(
         :class:`LearnedConcepts`.
     """
     config = config or LearningConfig()
-    config.check_scheduler(scheduler.config.num_train_timesteps)
     k = masks.shape[0]
     if k < 1:
         raise ValueError("Concept learning needs at least one mask.")
@@ -416,44 +405,3 @@ def _update(trainer: _Trainer, optimizer, prompts, flip, split_names, merged, lo
     optimizer.step()
     trainer.tokens.restore_original_rows()
     return len(prompts)
-
-
-@torch.no_grad()
-def evaluate_masked_loss(
-    *,
-    tokenizer,
-    text_encoder: torch.nn.Module,
-    unet: torch.nn.Module,
-    scheduler,
-    latents: torch.Tensor,
-    masks: torch.Tensor,
-    embeddings: torch.Tensor,
-    noises: torch.Tensor,
-    timesteps: torch.Tensor,
-    prompt_template: str = "a photo of {}",
-) -> torch.Tensor:
-    """Masked diffusion loss of each concept's single prompt on FIXED noises and timesteps.
-
-    Args:
-        latents: (1, C, h, w); masks: (K, h, w); embeddings: (K, D) one per concept.
-        noises: (N, C, h, w) and timesteps: (N,) shared by all concepts.
-    Returns:
-        (K,) mean loss over the N noise draws, per concept.
-    """
-    k = embeddings.shape[0]
-    names = [f"<cxeval{i}>" for i in range(k)]
-    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    out = []
-    with TrainableTokens(tokenizer, text_encoder, names, [0] * k) as tokens:
-        tokens.weight.data[tokens.token_ids] = embeddings.to(tokens.weight)
-        for i, name in enumerate(names):
-            ids = tokens.encode_ids([prompt_template.format(name)]).to(latents.device)
-            context = text_encoder(ids)[0].to(unet.dtype)
-            n = noises.shape[0]
-            lat = latents.expand(n, -1, -1, -1)
-            noisy = noise_scheduler.add_noise(lat, noises, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states=context.expand(n, -1, -1)).sample
-            target = diffusion_target(noise_scheduler, lat, noises, timesteps)
-            mask = masks[i].float()[None, None].expand(n, 1, -1, -1)
-            out.append(masked_diffusion_loss(pred.float(), target.float(), mask))
-    return torch.stack(out)

@@ -1,4 +1,6 @@
-"""Concept localization: from aggregated self-attention and the [EOT] map to concept masks (method.md §1).
+"""Concept localization: from aggregated self-attention and the [EOT] map to concept masks.
+
+The method and every choice made where the paper is silent: docs/design.md, 'Localization'.
 
 This module holds the algorithm on tensors; :class:`~diffusers_conceptexpress.ConceptExpressPipeline`
 produces the attention (one UNet pass) and calls :func:`localize`.

@@ -11,6 +11,7 @@ from diffusers.utils import BaseOutput
 from .image_io import ResizeRecord
 from .learning import LearnedConcepts
 from .localization import LocalizationResult
+from .tokens import DEFAULT_TOKEN_PREFIX
 
 __all__ = ["ConceptExpressOutput", "ConceptLocalization"]
 
@@ -78,7 +79,7 @@ class ConceptExpressOutput(BaseOutput):
     embeddings: torch.Tensor
     localization: ConceptLocalization
     learning: LearnedConcepts | None = None
-    token_prefix: str = "<ce>"
+    token_prefix: str = DEFAULT_TOKEN_PREFIX
     base_model: str = ""
     parameters: dict = field(default_factory=dict)
     image: PIL.Image.Image | None = None

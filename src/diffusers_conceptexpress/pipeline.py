@@ -12,12 +12,13 @@ from diffusers.utils import logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .attention import AttentionRecorder, capture_attention, nearest_factor
-from .image_io import ImageInput, load_image, mask_to_original, prepare_image
+from .export import joint_embeddings, read_concepts
+from .image_io import ImageInput, ResizeRecord, load_and_prepare_image, mask_to_original, prepare_image
 from .learning import LearningConfig, learn_concepts
 from .localization import LocalizationConfig, find_eot_index, localize
 from .masks import masks_to_latent_grid
 from .outputs import ConceptExpressOutput, ConceptLocalization
-from .tokens import concept_token_names
+from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
 
 logger = logging.get_logger(__name__)
 
@@ -126,7 +127,6 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             )
         loc = LocalizationConfig(**{k: v for k, v in options.items() if k in loc_fields})
         learn = LearningConfig(**{k: v for k, v in options.items() if k in learn_fields})
-        learn.check_scheduler(self.scheduler.config.num_train_timesteps)  # before any UNet pass
         return loc, learn
 
     # ------------------------------------------------------------- localization
@@ -139,7 +139,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         return_attention: bool = False,
         **options,
     ) -> ConceptLocalization:
-        r"""Find the concepts of ``image``: one UNet pass, then clustering (method.md §1).
+        r"""Find the concepts of ``image``: one UNet pass, then clustering (docs/design.md, 'Localization').
 
         Args:
             image: a path, PIL image (any mode; EXIF orientation applied), numpy array (H, W[, C]) or torch
@@ -168,7 +168,19 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         pixels, record = prepare_image(
             image, resolution, multiple=self.size_multiple, policy=config.resize_policy
         )
+        return self._localize(pixels, record, config, resolution, generator, return_attention)
 
+    @torch.no_grad()
+    def _localize(
+        self,
+        pixels: torch.Tensor,
+        record: ResizeRecord,
+        config: LocalizationConfig,
+        resolution: int,
+        generator: torch.Generator | None,
+        return_attention: bool = False,
+    ) -> ConceptLocalization:
+        """:meth:`localize_concepts` on a prepared image (``pixels``, ``record`` from ``prepare_image``)."""
         latents = self.encode_image(pixels, sample=config.latent_sampling == "sample", generator=generator)
         latents = latents.to(self.unet.dtype)
         h, w = latents.shape[-2:]
@@ -226,11 +238,12 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         generator: torch.Generator | None = None,
         callback=None,
         masks=None,
-        token_prefix: str = "<ce>",
+        token_prefix: str = DEFAULT_TOKEN_PREFIX,
         load: bool = True,
         **options,
     ) -> ConceptExpressOutput:
-        r"""Find the concepts of ``image`` and learn one token per concept (method.md §1 + §2).
+        r"""Find the concepts of ``image`` and learn one token per concept (docs/design.md, 'Localization'
+        and 'Learning').
 
         Args:
             image: as for :meth:`localize_concepts`.
@@ -239,8 +252,9 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 one optimiser step per prompt).
             generator: seeds everything random (noise, timesteps, flips): same seed, same embeddings.
             callback: ``callback(step, num_train_steps, logs)`` after every training step.
-            masks: optional list of K binary masks at the image size (PIL, numpy or torch), e.g. from SAM or
-                drawn by hand: localization is skipped and these masks are used.
+            masks: optional list of K binary masks at the image size (PIL, numpy or torch, each as
+                :func:`~diffusers_conceptexpress.masks.as_bool_mask` reads it), e.g. from SAM or drawn by hand:
+                localization is skipped and these masks are used.
             token_prefix: lower-case prefix of the tokens: concepts become ``<prefix>_1 ... <prefix>_K``.
             load: load the learned tokens into this pipeline, so ``pipe("a photo of <ce>_1")`` works at once
                 (tokens of an earlier extraction with the same prefix are replaced).
@@ -256,10 +270,9 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         concept_token_names(token_prefix, 1)  # raises early on an unusable prefix
         resolution = loc_config.resolution or self.default_resolution
         self._check_resolution(resolution)
-        pixels, record = prepare_image(
+        source, pixels, record = load_and_prepare_image(  # the input is decoded once
             image, resolution, multiple=self.size_multiple, policy=loc_config.resize_policy
         )
-        source = load_image(image)
         if masks is not None:
             latent_h = record.model_size[1] // self.vae_scale_factor
             latent_w = record.model_size[0] // self.vae_scale_factor
@@ -275,10 +288,12 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 options={"masks": "user"},
             )
         else:
-            localization = self.localize_concepts(source, generator=generator, **loc_config.to_dict())
+            localization = self._localize(pixels, record, loc_config, resolution, generator)
 
         with torch.no_grad():
-            # the image and its horizontal flip, encoded once each (the flip augmentation reuses them)
+            # the image and its horizontal flip, encoded once each (the flip augmentation reuses them). The
+            # localization latent is not reused: the VAE's convolutions round differently in a batch of one
+            # than in this batch of two, so reusing it would change the learned embeddings in the last bits.
             latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)])).to(self.unet.dtype)
         device = latents.device
         with self.progress_bar(total=learn_config.num_train_steps) as bar:
@@ -317,25 +332,13 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         Tokens with the same prefix that are already loaded are replaced. Returns the prompt tokens.
         """
         if isinstance(concepts, ConceptExpressOutput):
-            prefix, emb = concepts.token_prefix, concepts.embeddings
-            tokens = list(concepts.tokens)
+            prefix, emb, tokens = concepts.token_prefix, concepts.embeddings, list(concepts.tokens)
         else:
-            from pathlib import Path
-
-            from safetensors.torch import load_file
-
-            from .export import read_concepts_index
-
-            index = read_concepts_index(concepts)
-            state = load_file(str(Path(concepts) / index["file"]))
-            prefix = index["all_concepts_token"]
-            emb = state[prefix][1:]
-            tokens = [c["token"] for c in index["concepts"]]
+            prefix, emb, tokens = read_concepts(concepts)
         existing = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
         if existing:
             self.unload_textual_inversion(existing)
-        joint = torch.cat([emb.mean(0, keepdim=True), emb], dim=0)
-        self.load_textual_inversion({prefix: joint.to(self.text_encoder.dtype)})
+        self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
         return tokens
 
     # -------------------------------------------------------------- generation

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrainableTokens", "concept_token_names", "default_init_ids", "is_valid_token_prefix"]
+__all__ = [
+    "DEFAULT_TOKEN_PREFIX",
+    "TrainableTokens",
+    "concept_token_names",
+    "default_init_ids",
+    "is_valid_token_prefix",
+]
+
+#: Prefix of the learned tokens unless the caller chooses one: concepts become ``<ce>_1 ... <ce>_K``.
+DEFAULT_TOKEN_PREFIX = "<ce>"
 
 
 def is_valid_token_prefix(prefix: str) -> bool:

@@ -10,10 +10,12 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-__all__ = ["PALETTE", "heatmap", "image_grid", "overlay_masks"]
+from .masks import as_bool_mask
 
-# Distinct colours (RGB), cycled when there are more concepts.
-PALETTE: tuple[tuple[int, int, int], ...] = (
+__all__ = ["MASK_COLOURS", "heatmap", "image_grid", "overlay_masks"]
+
+# Overlay colours (RGB) of concepts 1, 2, ..., cycled when there are more concepts.
+MASK_COLOURS: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),
     (60, 180, 75),
     (0, 130, 200),
@@ -29,16 +31,6 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def _as_bool(mask: PIL.Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    if isinstance(mask, np.ndarray):
-        mask = PIL.Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    if mask.size != size:
-        mask = mask.resize(size, PIL.Image.Resampling.NEAREST)
-    return np.asarray(mask.convert("L")) > 127
-
-
 def overlay_masks(
     image: PIL.Image.Image,
     masks: Sequence[PIL.Image.Image | np.ndarray | torch.Tensor],
@@ -49,7 +41,8 @@ def overlay_masks(
 
     Args:
         image: the source image (any mode; shown as RGB).
-        masks: K binary masks, any size (resized to the image with nearest neighbour).
+        masks: K binary masks, any size (resized to the image with nearest neighbour); each as
+            :func:`~diffusers_conceptexpress.masks.as_bool_mask` accepts.
         labels: K strings (e.g. token names), or None.
         alpha: tint opacity in [0, 1].
     Returns:
@@ -59,8 +52,8 @@ def overlay_masks(
     out = base.copy()
     centres = []
     for k, mask in enumerate(masks):
-        m = _as_bool(mask, image.size)
-        colour = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+        m = as_bool_mask(mask, image.size, resize=True, name=f"Mask {k}")
+        colour = np.array(MASK_COLOURS[k % len(MASK_COLOURS)], dtype=np.float32)
         out[m] = (1 - alpha) * base[m] + alpha * colour
         ys, xs = np.nonzero(m)
         centres.append((int(xs.mean()), int(ys.mean())) if len(xs) else None)
@@ -72,7 +65,7 @@ def overlay_masks(
                 continue
             x, y = centre
             box = draw.textbbox((x, y), label, anchor="mm")
-            draw.rectangle(box, fill=PALETTE[k % len(PALETTE)])
+            draw.rectangle(box, fill=MASK_COLOURS[k % len(MASK_COLOURS)])
             draw.text((x, y), label, fill=(255, 255, 255), anchor="mm")
     return result
 

@@ -88,9 +88,14 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
         ``sample=False`` takes the posterior mean (deterministic); ``sample=True`` draws with ``generator``.
         """
-        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
-        latents = dist.sample(generator=generator) if sample else dist.mean
+        dist = self._posterior(pixels)
+        return self._scaled(dist.sample(generator=generator) if sample else dist.mean)
+
+    def _posterior(self, pixels: torch.Tensor):
+        """The VAE's latent distribution of (B, 3, H, W) pixels in [-1, 1] (one encode)."""
+        return self.vae.encode(pixels.to(device=self._execution_device, dtype=self.vae.dtype)).latent_dist
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -179,9 +184,13 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         resolution: int,
         generator: torch.Generator | None,
         return_attention: bool = False,
+        posterior=None,
     ) -> ConceptLocalization:
-        """:meth:`localize_concepts` on a prepared image (``pixels``, ``record`` from ``prepare_image``)."""
-        latents = self.encode_image(pixels, sample=config.latent_sampling == "sample", generator=generator)
+        """:meth:`localize_concepts` on a prepared image (``pixels``, ``record`` from ``prepare_image``;
+        ``posterior``: its VAE distribution when already encoded)."""
+        dist = posterior if posterior is not None else self._posterior(pixels)
+        sample = config.latent_sampling == "sample"
+        latents = self._scaled(dist.sample(generator=generator) if sample else dist.mean)
         latents = latents.to(self.unet.dtype)
         h, w = latents.shape[-2:]
         prompt_embeds, ids = self.encode_prompt_ids([""])
@@ -273,6 +282,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         source, pixels, record = load_and_prepare_image(  # the input is decoded once
             image, resolution, multiple=self.size_multiple, policy=loc_config.resize_policy
         )
+        posterior = None
         if masks is not None:
             latent_h = record.model_size[1] // self.vae_scale_factor
             latent_w = record.model_size[0] // self.vae_scale_factor
@@ -288,13 +298,19 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 options={"masks": "user"},
             )
         else:
-            localization = self._localize(pixels, record, loc_config, resolution, generator)
+            posterior = self._posterior(pixels)  # the image, encoded once for localization and learning
+            localization = self._localize(
+                pixels, record, loc_config, resolution, generator, posterior=posterior
+            )
 
         with torch.no_grad():
-            # the image and its horizontal flip, encoded once each (the flip augmentation reuses them). The
-            # localization latent is not reused: the VAE's convolutions round differently in a batch of one
-            # than in this batch of two, so reusing it would change the learned embeddings in the last bits.
-            latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)])).to(self.unet.dtype)
+            # two images encoded in all: the image and its horizontal flip (the flip augmentation reuses them)
+            if posterior is None:  # user masks: no localization pass, one encode of both
+                latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)]))
+            else:  # the image's localization encode is reused; the VAE rounds a batch of one and of two
+                # differently, so this changes the embeddings in the last bits against a batch of two
+                latents = torch.cat([self._scaled(posterior.mean), self.encode_image(pixels.flip(-1))])
+            latents = latents.to(self.unet.dtype)
         device = latents.device
         with self.progress_bar(total=learn_config.num_train_steps) as bar:
             learned = learn_concepts(

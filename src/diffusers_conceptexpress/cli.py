@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .evaluation import ENCODERS
+from .evaluation import ENCODERS, sample_grid
 from .image_io import RESIZE_POLICIES
 from .learning import MIXED_PRECISION, SCHEDULES, LearningConfig
 from .localization import LOCALIZERS, LocalizationConfig
@@ -100,37 +100,6 @@ def _check_new_dir(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"Output directory {str(out)!r} already exists; pass --overwrite or choose another."
         )
-
-
-def sample_grid(
-    pipe,
-    tokens: list[str],
-    *,
-    seed: int,
-    steps: int,
-    guidance: float,
-    extra_prompts: tuple[str, ...] = (),
-    concepts: Path | None = None,
-) -> tuple:
-    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid.
-
-    The prompts use the run's template, read from the concept directory ``concepts`` when given.
-    """
-    from .evaluation import concept_prompts
-    from .visualize import image_grid
-
-    prompts = concept_prompts(tokens, concepts)
-    prompts += list(extra_prompts)
-    images = [
-        pipe(
-            p,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-        for p in prompts
-    ]
-    return image_grid(images, prompts), prompts
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

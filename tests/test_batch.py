@@ -251,6 +251,11 @@ def test_load_concepts_of_several_images_into_one_pipeline(toy_run, tmp_path):
     shutil.copytree(out / "c", tmp_path / "c-copy")
     with pytest.raises(ValueError, match="also a token of"):
         load_concepts(pipe, [out / "c", tmp_path / "c-copy"])
+    # the command line takes several folders too
+    png = tmp_path / "gen.png"
+    argv = ["generate", "--concepts", str(out / "scene-a"), str(out / "b"), "--model", model_path()]
+    argv += ["--prompt", "a photo of <scene-a>_1 next to <b>_1", "--out", str(png), "--inference-steps", "1"]
+    assert main(argv) == 0 and Image.open(png).size == (64, 64)
 
 
 def test_cli_many_images_corrupt_file_exit_status_1(tmp_path, capsys):
@@ -273,6 +278,15 @@ def test_cli_many_images_corrupt_file_exit_status_1(tmp_path, capsys):
     # a single-image concepts folder is not a many-images output folder
     assert main(["extract", str(scene), "--many", "--model", model_path(), "--out", str(out / "dog")]) == 1
     assert "single-image run" in capsys.readouterr().err
+    # a folder of the image's name that this kind of run did not write is never taken for done or replaced
+    (tmp_path / "other" / "dog").mkdir(parents=True)
+    (tmp_path / "other" / "dog" / "notes.txt").write_text("mine")
+    assert (
+        main(["extract", str(scene), "--many", "--model", model_path(), "--out", str(tmp_path / "other")])
+        == 1
+    )
+    assert "not written by a many-images run" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other" / "dog").iterdir()] == ["notes.txt"]
 
 
 # ----------------------------------------------------------------------------------- two CPU processes

@@ -451,10 +451,10 @@ def extract_images(
     plan: list = [None]
     if state.is_main_process:
         try:
-            finished = {j.name: _complete_status(j, out / j.name, run, samples, overwrite) for j in jobs}
+            found = {j.name: _complete_status(j, out / j.name, run, samples, overwrite) for j in jobs}
             if out.is_dir():
                 _remove_leftovers(out, [j.name for j in jobs])
-            plan[0] = {"finished": {k: v for k, v in finished.items() if v is not None}}
+            plan[0] = {"finished": {name: status for name, status in found.items() if status is not None}}
         except Exception as err:  # shared with the other processes, so that all of them stop
             plan[0] = {"error": err}
     broadcast_object_list(plan)
@@ -510,7 +510,7 @@ def extract_images(
         pipe.set_progress_bar_config(**saved_bar_config)
 
     gathered = gather_object(results) if state.num_processes > 1 else results
-    by_name = {name: status for name, status in finished.items()}
+    by_name = dict(finished)
     by_name.update({d["name"]: ImageStatus(**d) for d in gathered})
     statuses = [by_name[j.name] for j in jobs]
     index_path = out / INDEX_FILE

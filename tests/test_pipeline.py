@@ -195,3 +195,32 @@ def test_image_decoded_once_and_vae_encodes_counted(tiny_pipe, tmp_path, monkeyp
     mask[10:50, 20:70] = True
     tiny_pipe.extract_concepts(path, masks=[mask], **options)
     assert len(decodes) == 1 and encodes == [2]  # user masks: no localization pass, image and flip at once
+
+
+@pytest.mark.parametrize("kind", ["sd1"], indirect=True)
+def test_nth_extraction_of_one_pipeline_equals_its_first(tiny_pipe):
+    """Loaded concepts grow the vocabulary; the initialisation rows come from the original one, so an image
+    extracted again by the same pipeline object (after its own and other tokens were loaded) is identical."""
+    from diffusers_conceptexpress.tokens import base_vocabulary_size
+
+    tiny_pipe.set_progress_bar_config(disable=True)
+    img = make_image()
+    base = base_vocabulary_size(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    options = dict(num_train_steps=3, split_steps=1, tokens_per_concept=2, sinkhorn_iters=5)
+    runs = []
+    for prefix in ("<a>", "<b>", "<a>"):  # loaded each time: <a>, then <a> and <b>, then <a> replaced
+        out = tiny_pipe.extract_concepts(
+            img, generator=torch.Generator().manual_seed(0), token_prefix=prefix, **options
+        )
+        runs.append(out)
+    k = runs[0].num_concepts
+    assert len(tiny_pipe.tokenizer) == base + 2 * (k + 1)  # the vocabulary did grow
+    assert base_vocabulary_size(tiny_pipe.tokenizer, tiny_pipe.text_encoder) == base
+    for later in runs[1:]:
+        assert torch.equal(later.learning.initial_embeddings, runs[0].learning.initial_embeddings)
+        assert torch.equal(later.embeddings, runs[0].embeddings)
+        assert torch.equal(later.localization.latent_masks, runs[0].localization.latent_masks)
+        assert all(
+            np.array_equal(np.asarray(m), np.asarray(n))
+            for m, n in zip(later.localization.masks, runs[0].localization.masks, strict=True)
+        )

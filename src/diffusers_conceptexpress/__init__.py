@@ -1,9 +1,11 @@
 """diffusers-conceptexpress: ConceptExpress (ECCV 2024) as a diffusers pipeline.
 
-Find the visual concepts of one image with a Stable Diffusion model, with no words, masks or concept count.
+Find the visual concepts of one image with a Stable Diffusion model, with no words, masks or concept count;
+``extract_images`` does it for many images, on one or several processes (accelerate).
 """
 
 from .attention import AttentionRecorder, capture_attention
+from .batch import BatchResult, ImageStatus, extract_images
 from .clustering import constrained_finch, finch, kmeans
 from .export import load_concepts, save_concepts
 from .image_io import ImageInputError, load_image, prepare_image
@@ -16,10 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionRecorder",
+    "BatchResult",
     "ConceptExpressOutput",
     "ConceptExpressPipeline",
     "ConceptLocalization",
     "ImageInputError",
+    "ImageStatus",
     "LearnedConcepts",
     "LearningConfig",
     "LocalizationConfig",
@@ -27,6 +31,7 @@ __all__ = [
     "__version__",
     "capture_attention",
     "constrained_finch",
+    "extract_images",
     "finch",
     "kmeans",
     "learn_concepts",

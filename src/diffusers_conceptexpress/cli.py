@@ -1,6 +1,8 @@
 """The ``conceptexpress`` command line.
 
     conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
+    conceptexpress extract IMAGE [IMAGE ...] (files, folders, globs) --model PATH_OR_ID --out DIR   # DIR/<name>/
+    torchrun --nproc_per_node N -m diffusers_conceptexpress extract ...        # the images split between processes
     conceptexpress generate --concepts DIR --model PATH_OR_ID --prompt "a photo of <ce>_1 in the snow"
     conceptexpress localize IMAGE --model PATH_OR_ID --out DIR [--method conceptexpress|finch|kmeans ...]
     conceptexpress evaluate RESULTS_DIR [--encoder clip|dino|toy --model ID] [--samples N --pipeline PATH_OR_ID]
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .evaluation import ENCODERS
+from .evaluation import ENCODERS, sample_grid
 from .image_io import RESIZE_POLICIES
 from .learning import MIXED_PRECISION, SCHEDULES, LearningConfig
 from .localization import LOCALIZERS, LocalizationConfig
@@ -102,75 +104,113 @@ def _check_new_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def sample_grid(
-    pipe,
-    tokens: list[str],
-    *,
-    seed: int,
-    steps: int,
-    guidance: float,
-    extra_prompts: tuple[str, ...] = (),
-    concepts: Path | None = None,
-) -> tuple:
-    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid.
+def is_many_images(images: list[str], many: bool = False) -> bool:
+    """Whether ``conceptexpress extract`` writes the many-images layout (``OUT/<name>/`` per image and
+    ``OUT/index.json``): with ``--many``, several arguments, a folder or a glob. ONE image file (or one path
+    that does not exist and is no glob, which then fails as before) keeps the single-image layout: the concepts
+    folder is ``OUT`` itself."""
+    from .batch import _has_magic
 
-    The prompts use the run's template, read from the concept directory ``concepts`` when given.
-    """
-    from .evaluation import concept_prompts
-    from .visualize import image_grid
-
-    prompts = concept_prompts(tokens, concepts)
-    prompts += list(extra_prompts)
-    images = [
-        pipe(
-            p,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-        for p in prompts
-    ]
-    return image_grid(images, prompts), prompts
+    if many or len(images) != 1:
+        return True
+    path = Path(images[0])
+    return path.is_dir() or (not path.is_file() and _has_magic(images[0]))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .atomic import atomic_directory
+    if is_many_images(args.image, args.many):
+        return _extract_many(args)
+    import os
+
+    from .batch import extract_to_folder
     from .image_io import load_image
 
-    load_image(args.image)  # validate before loading any model
+    image = args.image[0]
+    load_image(image)  # validate before loading any model
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "One image cannot be split between processes; run it on one process, or pass --many to write "
+            "OUT/<name>/ and OUT/index.json."
+        )
     out = Path(args.out)
     _check_new_dir(out, args.overwrite)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
-    result = pipe.extract_concepts(
-        args.image,
+    result = extract_to_folder(
+        pipe,
+        image,
+        out,
+        seed=args.seed,
+        token_prefix=args.token_prefix,
+        samples=args.samples,
+        inference_steps=args.inference_steps,
+        guidance=args.guidance,
+        overwrite=args.overwrite,
         num_train_steps=args.steps,
         schedule=args.schedule,
-        generator=torch.Generator().manual_seed(args.seed),
-        token_prefix=args.token_prefix,
         mixed_precision=args.mixed_precision,
     )
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        result.save(tmp, overwrite=True)
-        if args.samples:
-            grid, _ = sample_grid(
-                pipe,
-                result.tokens,
-                seed=args.seed,
-                steps=args.inference_steps,
-                guidance=args.guidance,
-                concepts=tmp,
-            )
-            grid.save(tmp / "samples.png")
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
     print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
     return 0
+
+
+def _extract_many(args: argparse.Namespace) -> int:
+    """``extract`` on many images, on this process's share of them (docs/design.md, 'Many images')."""
+    from accelerate import PartialState
+
+    from .batch import extract_images, find_images
+
+    if args.token_prefix != DEFAULT_TOKEN_PREFIX:
+        raise ValueError(
+            "--token-prefix applies to one image; with many images each image's tokens are named after its "
+            "file (dog.jpg -> <dog>_1 ...)."
+        )
+    find_images(args.image)  # validate before loading any model
+    LearningConfig(num_train_steps=args.steps, schedule=args.schedule, mixed_precision=args.mixed_precision)
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes > 1 and args.device not in (None, "cpu", "cuda"):
+        raise ValueError(
+            f"--device {args.device} with {state.num_processes} processes: each process takes its own device; "
+            "leave --device out (or pass cpu)."
+        )
+    device = state.device if state.num_processes > 1 or args.device is None else torch.device(args.device)
+    if device.type == "cpu":  # accelerate says "cpu:0"; moving the weights there copies them, and copies
+        device = torch.device("cpu")  # aligned differently change float sums in the last bits
+    pipe = _load_pipeline(args.model, str(device), args.dtype)
+    result = extract_images(
+        pipe,
+        args.image,
+        args.out,
+        seed=args.seed,
+        samples=args.samples,
+        inference_steps=args.inference_steps,
+        guidance=args.guidance,
+        overwrite=args.overwrite,
+        state=state,
+        num_train_steps=args.steps,
+        schedule=args.schedule,
+        mixed_precision=args.mixed_precision,
+    )
+    if state.is_main_process:
+        resumed = sum(s.resumed for s in result.images)
+        print(
+            f"{len(result.images)} image(s): {len(result.done)} done ({resumed} already complete, left as they "
+            f"were), {len(result.failed)} failed; index in {result.index}"
+        )
+        for s in result.failed:
+            print(f"  failed: {s.image}: {s.error}")
+        if result.done:
+            print(f"Use them: load_concepts(pipe, {[str(f) for f in result.folders()[:2]]}...)")
+    return 1 if result.failed else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .atomic import atomic_file
     from .export import load_concepts, read_concepts_index
 
-    read_concepts_index(args.concepts)  # validate before loading any model
+    for directory in args.concepts:
+        read_concepts_index(directory)  # validate before loading any model
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     load_concepts(pipe, args.concepts)
     image = pipe(
@@ -379,10 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ext = sub.add_parser("extract", help="find the concepts of an image and learn one token per concept")
-    ext.add_argument("image", help="image file")
+    ext = sub.add_parser(
+        "extract",
+        help="find the concepts of an image (or of many) and learn one token per concept",
+        description="One image file: OUT is its concepts folder. Several images, a folder, a glob or --many: "
+        "OUT/<name>/ per image (tokens <name>_1 ...) and OUT/index.json; rerunning resumes. Split between "
+        "processes under torchrun or accelerate launch (docs/design.md, 'Many images').",
+    )
+    ext.add_argument("image", nargs="+", help="image files, folders or globs")
     _add_model_args(ext)
-    ext.add_argument("--out", required=True, help="output directory (created; must not exist)")
+    ext.add_argument(
+        "--out",
+        required=True,
+        help="output directory (one image: created, must not exist; many: OUT/<name>/ per image, resumed)",
+    )
+    ext.add_argument(
+        "--many", action="store_true", help="the many-images layout (OUT/<name>/, index.json) for one image"
+    )
     steps = _default(LearningConfig, "num_train_steps")
     ext.add_argument("--steps", type=int, default=steps, help=f"training steps (authors: {steps})")
     ext.add_argument("--schedule", default=_default(LearningConfig, "schedule"), choices=list(SCHEDULES))
@@ -399,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference-steps", type=int, default=INFERENCE_STEPS, help="sampling steps of the sample grid"
     )
     ext.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the sample grid")
-    ext.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ext.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output directory (many: redo every image)",
+    )
     ext.set_defaults(func=cmd_extract)
 
     demo = sub.add_parser("demo", help="run the whole method offline on the shipped toy model")
@@ -411,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate an image with extracted concepts")
-    gen.add_argument("--concepts", required=True, help="a directory written by `conceptexpress extract`")
+    gen.add_argument(
+        "--concepts",
+        required=True,
+        nargs="+",
+        help="directories written by `conceptexpress extract` (several: e.g. OUT/dog OUT/cat of a many-images run)",
+    )
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help='e.g. "a photo of <ce>_1 in the snow"')
     gen.add_argument("--out", default="generated.png", help="output PNG file")

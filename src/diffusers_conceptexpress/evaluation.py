@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -60,6 +61,7 @@ __all__ = [
     "mask_metrics",
     "masked_source",
     "read_samples",
+    "sample_grid",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -454,6 +456,36 @@ def generate_samples(
         for i, im in enumerate(images):
             im.save(Path(folder) / f"{name}_{i}.png")
     return prompts
+
+
+def sample_grid(
+    pipe,
+    tokens: list[str],
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    extra_prompts: tuple[str, ...] = (),
+    concepts: Path | None = None,
+) -> tuple:
+    """Images of every concept alone, of the joint prompt and of ``extra_prompts``, as a captioned grid.
+
+    The prompts use the run's template, read from the concept directory ``concepts`` when given.
+    """
+    from .visualize import image_grid
+
+    prompts = concept_prompts(tokens, concepts)
+    prompts += list(extra_prompts)
+    images = [
+        pipe(
+            p,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        for p in prompts
+    ]
+    return image_grid(images, prompts), prompts
 
 
 def read_samples(folder, name: str, count: int) -> list[PIL.Image.Image]:

@@ -175,11 +175,40 @@ def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
     return learning.get("prompt_template", PROMPT_TEMPLATE), learning.get("joint_separator", JOINT_SEPARATOR)
 
 
-def load_concepts(pipe, directory: str | os.PathLike) -> list[str]:
+def load_concepts(pipe, directory: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Load saved concepts into ANY SD pipeline with ``load_textual_inversion`` (SD 1.x / 2.x).
 
-    One call of the stock loader on ``concepts.safetensors``. Returns the prompt tokens, concept by concept.
+    ``directory`` is one concepts folder or a list of them (e.g. the folders of a many-images run, whose
+    tokens are named after the images: ``load_concepts(pipe, ["out/dog", "out/cat"])``, then
+    "a photo of <dog>_1 next to <cat>_2"). One call of the stock loader on their ``concepts.safetensors``.
+    Returns the prompt tokens, folder by folder and concept by concept.
+
+    Raises:
+        ValueError: two folders use the same token, or a token is already loaded in ``pipe`` (nothing is
+            loaded then).
     """
-    index = read_concepts_index(directory)
-    pipe.load_textual_inversion(str(Path(directory) / index["file"]))
-    return [c["token"] for c in index["concepts"]]
+    directories = [directory] if isinstance(directory, str | os.PathLike) else list(directory)
+    if not directories:
+        raise ValueError("No concepts folder given.")
+    files, tokens = [], []
+    owner: dict[str, str] = {}
+    vocab = pipe.tokenizer.get_vocab()
+    for d in directories:
+        index = read_concepts_index(d)
+        concept_tokens = [c["token"] for c in index["concepts"]]
+        for token in [index["all_concepts_token"], *concept_tokens]:
+            if token in owner:
+                raise ValueError(
+                    f"Token {token!r} of {str(d)!r} is also a token of {owner[token]!r}; concepts loaded "
+                    "together need different token prefixes (a many-images run names them after the images)."
+                )
+            if token in vocab:
+                raise ValueError(
+                    f"Token {token!r} of {str(d)!r} is already loaded in the pipeline; unload it first "
+                    "(pipe.unload_textual_inversion)."
+                )
+            owner[token] = str(d)
+        files.append(str(Path(d) / index["file"]))
+        tokens += concept_tokens
+    pipe.load_textual_inversion(files if len(files) > 1 else files[0])
+    return tokens

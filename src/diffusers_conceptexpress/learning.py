@@ -42,7 +42,7 @@ from .attention import (
     unet_cross_attention_factors,
 )
 from .losses import diffusion_target, grid_cost, masked_diffusion_loss, sinkhorn_distance, supcon_loss
-from .tokens import TrainableTokens, default_init_ids
+from .tokens import TrainableTokens, base_vocabulary_size, default_init_ids
 
 __all__ = [
     "JOINT_SEPARATOR",
@@ -83,7 +83,8 @@ class LearningConfig:
         joint_separator: between tokens in the joint prompt (" and ").
         mixed_precision: "no", "fp16" or "bf16" autocast for the frozen models (embeddings stay fp32).
         max_batch_size: "fast" only: micro-batch size (None: all prompts of a step at once).
-        init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100).
+        init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100), with
+            ``vocab_size`` the ORIGINAL vocabulary (tokens loaded by textual inversion do not count).
     """
 
     num_train_steps: int = 500
@@ -318,8 +319,9 @@ def learn_concepts(
         )
     split_names = _split_names(k, config.tokens_per_concept)
     flat_names = [n for names in split_names for n in names]
-    vocab = text_encoder.get_input_embeddings().weight.shape[0]
-    init_ids = default_init_ids(min(vocab, len(tokenizer)), len(flat_names), config.init_offset)
+    # rows of the original vocabulary: tokens loaded earlier (textual inversion) never shift them
+    vocab = base_vocabulary_size(tokenizer, text_encoder)
+    init_ids = default_init_ids(vocab, len(flat_names), config.init_offset)
     updates, steps = _plan(config, k)
     requires_grad = {
         n: p.requires_grad for n, p in [*text_encoder.named_parameters(), *unet.named_parameters()]

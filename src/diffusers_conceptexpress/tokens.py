@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "DEFAULT_TOKEN_PREFIX",
     "TrainableTokens",
+    "base_vocabulary_size",
     "concept_token_names",
     "default_init_ids",
     "is_valid_token_prefix",
@@ -55,6 +56,19 @@ def default_init_ids(vocab_size: int, count: int, offset: int = 100) -> list[int
     start = max(0, vocab_size - offset)
     span = max(1, vocab_size - 2 - start)  # skip <|startoftext|>, <|endoftext|>
     return [start + (i % span) for i in range(count)]
+
+
+def base_vocabulary_size(tokenizer, text_encoder: nn.Module) -> int:
+    """Entries of the ORIGINAL vocabulary: the tokenizer's base vocabulary without added tokens (49408 for
+    CLIP), capped by the text encoder's embedding rows.
+
+    Tokens loaded by textual inversion (``load_textual_inversion``, or an earlier extraction loaded into the
+    pipeline) are added tokens and grow ``len(tokenizer)`` and the embedding matrix, never this number: so
+    initialisation rows taken from the end of the vocabulary (:func:`default_init_ids`) are the same for a
+    pipeline's n-th extraction as for its first.
+    """
+    rows = int(text_encoder.get_input_embeddings().weight.shape[0])
+    return min(rows, int(tokenizer.vocab_size))
 
 
 class _TrainingEmbedding(nn.Module):

@@ -56,3 +56,16 @@ def test_atomic_directory_refuses_overwrite_replaces_and_survives_errors(tmp_pat
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temp or .old leftovers
+
+
+def test_saved_concepts_get_ordinary_permissions(tmp_path, umask_022):
+    import torch
+    from PIL import Image
+
+    from diffusers_conceptexpress.export import save_concepts
+
+    masks = [Image.new("L", (8, 8)), Image.new("L", (8, 8), 255)]
+    save_concepts(tmp_path / "run", torch.randn(2, 4), masks=masks, base_model="tiny")
+    files = sorted((tmp_path / "run").iterdir())
+    assert {f.name for f in files} >= {"concepts.safetensors", "concept_1.safetensors", "concepts.json"}
+    assert {f.name: _mode(f) for f in files} == {f.name: 0o644 for f in files}  # none owner-only

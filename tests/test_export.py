@@ -172,15 +172,15 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_save(tensors, path, metadata=None):
-        calls.append(path)
+    def failing_save(tensors, metadata=None):  # the third file's serialisation fails, as a full disk would
+        calls.append(tensors)
         if len(calls) == 3:
             raise OSError("disk full")
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, path, metadata=metadata)
+        return save(tensors, metadata=metadata)
 
-    monkeypatch.setattr(export, "save_file", failing_save)
+    monkeypatch.setattr(export, "save", failing_save)
     masks = [Image.new("L", (64, 64), 255)] * 3
     with pytest.raises(OSError, match="disk full"):
         save_concepts(tmp_path / "concepts", torch.randn(3, 8), masks=masks)

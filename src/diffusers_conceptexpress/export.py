@@ -26,7 +26,7 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .atomic import atomic_directory
 from .learning import JOINT_SEPARATOR, PROMPT_TEMPLATE
@@ -105,15 +105,18 @@ def save_concepts(
         overwrite = True
     meta = {"base_model": str(base_model), "generator": f"diffusers-conceptexpress {version or __version__}"}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(
-            {token_prefix: joint_embeddings(emb)},
-            tmp / "concepts.safetensors",
-            metadata={**meta, "token": token_prefix, "tokens": json.dumps(tokens)},
+        # safetensors' save_file creates owner-only (0600) files; written as bytes, a file gets the
+        # permissions of any ordinary write (docs/design.md, "Files")
+        (tmp / "concepts.safetensors").write_bytes(
+            save(
+                {token_prefix: joint_embeddings(emb)},
+                metadata={**meta, "token": token_prefix, "tokens": json.dumps(tokens)},
+            )
         )
         entries = []
         for i, token in enumerate(tokens):
             file = f"concept_{i + 1}.safetensors"
-            save_file({token: emb[i : i + 1].clone()}, tmp / file, metadata={**meta, "token": token})
+            (tmp / file).write_bytes(save({token: emb[i : i + 1].clone()}, metadata={**meta, "token": token}))
             mask_file = mask_filename(i + 1)
             masks[i].convert("L").save(tmp / mask_file)
             entry = {"token": token, "file": file, "mask": mask_file}

@@ -417,7 +417,7 @@ class WebDemo:
         temp_dir: where the temporary root is created (default: the system's temporary folder).
         session_ttl: seconds without activity after which a session's folder is removed.
         inference_steps, guidance: the default sampling settings of the page (samples and generations);
-            default: the toy model's (25, 5.0) for the toy model, else 50 and 7.5 (as the command line).
+            default: the toy model's 25 and 5.0 for the toy model, else 50 and 7.5 (as the command line).
         train_steps: the default number of training steps of the page (LearningConfig's 500).
     """
 
@@ -436,10 +436,13 @@ class WebDemo:
         gr = require_gradio()
         from .cli import GUIDANCE, INFERENCE_STEPS
         from .toyworld import GENERATION_STEPS, GUIDANCE_SCALE
+        from .toyworld import model_path as toy_model_path
 
         pipe = model if isinstance(model, ConceptExpressPipeline) else _load_pipeline(model, device, dtype)
         pipe.set_progress_bar_config(disable=True)  # the page shows the progress; the log stays readable
-        toy = model is None
+        toy = model is None or (
+            isinstance(model, str | os.PathLike) and Path(model).resolve() == Path(toy_model_path()).resolve()
+        )
         self.engine = ConceptExpressDemo(
             pipe,
             inference_steps=inference_steps or (GENERATION_STEPS if toy else INFERENCE_STEPS),
@@ -448,10 +451,14 @@ class WebDemo:
         )
         self.toy = toy
         self.root = Path(tempfile.mkdtemp(prefix="conceptexpress-web-", dir=temp_dir))
-        self.sessions = SessionFolders(self.root / "sessions", ttl=session_ttl)
         self._previous_gradio_dir = os.environ.get("GRADIO_TEMP_DIR")
-        os.environ["GRADIO_TEMP_DIR"] = str(self.root / "gradio")  # read by Gradio when blocks are built
-        self.blocks = self._build(gr)
+        try:
+            self.sessions = SessionFolders(self.root / "sessions", ttl=session_ttl)
+            os.environ["GRADIO_TEMP_DIR"] = str(self.root / "gradio")  # read by Gradio when blocks are built
+            self.blocks = self._build(gr)
+        except BaseException:
+            self._remove_root()
+            raise
 
     # ------------------------------------------------------------------ serving
     def launch(
@@ -481,12 +488,15 @@ class WebDemo:
         try:
             self.blocks.close()
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-            if os.environ.get("GRADIO_TEMP_DIR") == str(self.root / "gradio"):
-                if self._previous_gradio_dir is None:
-                    os.environ.pop("GRADIO_TEMP_DIR", None)
-                else:
-                    os.environ["GRADIO_TEMP_DIR"] = self._previous_gradio_dir
+            self._remove_root()
+
+    def _remove_root(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if os.environ.get("GRADIO_TEMP_DIR") == str(self.root / "gradio"):
+            if self._previous_gradio_dir is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = self._previous_gradio_dir
 
     # ------------------------------------------------------------------ the page
     def _build(self, gr):
@@ -522,7 +532,7 @@ class WebDemo:
             if image is None:
                 raise gr.Error("Upload an image or draw a toy scene first.", duration=None)
 
-        def on_upload(path, request: gr.Request):
+        def on_upload(path, current, request: gr.Request):
             """A refused file leaves the session's image as it was and says why under it."""
             if path is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -531,7 +541,8 @@ class WebDemo:
                 sessions.folder(session_of(request))
                 image = engine.read_image(path)
             except Exception as err:
-                refused = f"**Not used: {html.escape(name)}.** {one_line(err)}"
+                kept = " The image above is kept." if current is not None else ""
+                refused = f"**Not used: {html.escape(name)}.** {one_line(err)}{kept}"
                 return gr.skip(), gr.skip(), refused, gr.skip(), gr.skip()
             caption = f"`{name}`: {image.width} x {image.height} pixels"
             return image, engine.display(image), caption, None, []
@@ -657,6 +668,7 @@ class WebDemo:
                     label="Each concept's mask (EOT score: how salient, > 1 kept)",
                     format="png",
                     columns=4,
+                    height="auto",
                     elem_id="ce-masks",
                 )
             gr.Markdown("### 3. Learn one token per concept")
@@ -720,9 +732,9 @@ class WebDemo:
             generate_inputs = [concepts_state, prompt, sample_steps, guidance, gen_seed]
             hidden = {"api_visibility": "private"}  # page mechanics, not part of the app's API
             # the upload box is emptied after every upload, taken or refused, ready for the next file
-            upload.upload(on_upload, [upload], image_outputs, concurrency_limit=8, api_name="upload").then(
-                lambda: None, None, upload, queue=False, **hidden
-            )
+            upload.upload(
+                on_upload, [upload, image_state], image_outputs, concurrency_limit=8, api_name="upload"
+            ).then(lambda: None, None, upload, queue=False, **hidden)
             scene_btn.click(
                 on_scene,
                 [scene_seed, scene_objects],

@@ -196,7 +196,7 @@ def status(driver) -> str:
     return element(driver, "#ce-extract-status").text
 
 
-def extract_and_watch(driver, on_progress=None, timeout: float = 240) -> list[tuple[int, int]]:
+def extract_and_watch(driver, on_progress=None, timeout: float = 240 + 3 * STEPS) -> list[tuple[int, int]]:
     """Click Extract; return every distinct "done/total steps" the progress bar showed until the result
     (``on_progress()`` is called at each)."""
     element(driver, "#ce-extract").click()
@@ -271,7 +271,8 @@ def test_the_whole_flow_in_a_browser(server, browser, shots, tmp_path):
     shots(browser, "03-error-not-an-image")
     upload(browser, small_file)
     wait_for(lambda: "tiny.png" in element(browser, "#ce-image-caption").text, 30, "the second error")
-    assert "Image is too small: 32x32" in element(browser, "#ce-image-caption").text
+    caption = element(browser, "#ce-image-caption").text
+    assert "Image is too small: 32x32" in caption and caption.endswith("The image above is kept.")
     assert element(browser, "#ce-image img").get_attribute("src") == shown  # still the scene
     assert not errors(browser)
 
@@ -449,3 +450,28 @@ def test_the_serve_command(tmp_path):
             process.wait()
     assert not root.exists()
     assert list((tmp_path / "tmp").iterdir()) == [] and list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_the_space_app_is_the_same_app(monkeypatch, tmp_path, components_factory):
+    """app.py (a Hugging Face Space) builds the same app: the toy model by default, CONCEPTEXPRESS_MODEL's
+    model when set."""
+    import runpy
+
+    from diffusers_conceptexpress import ConceptExpressPipeline
+
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    demo = runpy.run_path(str(app), run_name="space")["demo"]
+    try:
+        assert isinstance(demo, WebDemo) and demo.blocks.title == "ConceptExpress"
+        assert demo.toy and (demo.engine.inference_steps, demo.engine.guidance) == (25, 5.0)
+    finally:
+        demo.close()
+    ConceptExpressPipeline(**components_factory("sd2")).save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("CONCEPTEXPRESS_MODEL", str(tmp_path / "model"))
+    demo = runpy.run_path(str(app), run_name="space")["demo"]
+    try:
+        assert not demo.toy and (demo.engine.inference_steps, demo.engine.guidance) == (50, 7.5)
+        assert demo.engine.pipe.text_encoder.config.hidden_size == 32  # the tiny model (the toy one: 64)
+    finally:
+        demo.close()
+    assert not demo.root.exists()

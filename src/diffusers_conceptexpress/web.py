@@ -25,6 +25,7 @@ the app is built, so everything else in this module (and the package) works with
 
 # No `from __future__ import annotations` here: Gradio finds the `request: gr.Request` parameters of the
 # event handlers by their evaluated annotations, and `gr` is imported only inside `WebDemo._build`.
+import inspect
 import logging
 import os
 import re
@@ -472,14 +473,10 @@ class WebDemo:
         """Serve the app on ``host``:``port`` (None: Gradio's defaults and its GRADIO_SERVER_NAME/PORT
         variables, as on a Hugging Face Space). ``block=False`` returns at once. Returns the local URL.
         ``kwargs`` go to ``gradio.Blocks.launch``."""
-        options = {
-            "css": _CSS,
-            "max_file_size": "50mb",
-            "show_error": True,
-            "quiet": True,
-            "run_history": False,  # Gradio would keep every run in the browser (or a Hub bucket)
-            **kwargs,
-        }
+        options = {"css": _CSS, "max_file_size": "50mb", "show_error": True, "quiet": True}
+        if "run_history" in inspect.signature(self.blocks.launch).parameters:  # Gradio 6.x's later releases
+            options["run_history"] = False  # would keep every run in the browser (or a Hub bucket)
+        options.update(kwargs)
         self.blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **options)
         return self.blocks.local_url
 
@@ -502,11 +499,11 @@ class WebDemo:
     def _build(self, gr):
         import html
 
+        from .cli import DEMO_SCENE  # the first toy scene shown: `conceptexpress demo`'s
         from .evaluation import concept_prompts
         from .toyworld import render_scene
 
         engine, sessions = self.engine, self.sessions
-        cli_demo_scene = 12  # the scene of `conceptexpress demo`: two objects, both found by the toy model
 
         def one_line(err: Exception) -> str:
             """The error's message as the page shows it: its first line, HTML-escaped (``<ce>_1`` stays)."""
@@ -648,7 +645,7 @@ class WebDemo:
                     upload = gr.File(label="Upload an image", type="filepath", elem_id="ce-upload")
                     with gr.Row():
                         scene_seed = gr.Number(
-                            value=cli_demo_scene,
+                            value=DEMO_SCENE,
                             precision=0,
                             label="Toy scene number",
                             elem_id="ce-scene-seed",

@@ -266,7 +266,7 @@ class ConceptExpressDemo:
         # the labels are drawn on the enlarged image, so they stay readable on a 64-pixel toy scene
         overlay = overlay_masks(self.display(image), localization.masks, tokens)
         masks = [
-            (self.display(m), f"{t}" + ("" if s != s else f" · EOT score {s:.2f}"))
+            (self.display(m), t if s != s else f"{t} · {s:.2f}")  # NaN: masks given by the user
             for t, m, s in zip(tokens, localization.masks, scores, strict=True)
         ]
         return overlay, masks
@@ -662,10 +662,11 @@ class WebDemo:
             with gr.Row():
                 overlay_view = gr.Image(label="Concepts found", elem_id="ce-overlay", **shown)
                 masks_view = gr.Gallery(
-                    label="Each concept's mask (EOT score: how salient, > 1 kept)",
+                    label="Each concept's mask · EOT score (how salient; > 1 is kept)",
                     format="png",
-                    columns=4,
-                    height="auto",
+                    columns=3,
+                    fit_columns=False,  # a single mask keeps a third of the width
+                    height=320,
                     elem_id="ce-masks",
                 )
             gr.Markdown("### 3. Learn one token per concept")

@@ -7,6 +7,7 @@
     conceptexpress localize IMAGE --model PATH_OR_ID --out DIR [--method conceptexpress|finch|kmeans ...]
     conceptexpress evaluate RESULTS_DIR [--encoder clip|dino|toy --model ID] [--samples N --pipeline PATH_OR_ID]
     conceptexpress demo [--out DIR]
+    conceptexpress serve [--model PATH_OR_ID] [--host 127.0.0.1] [--port 7860]    (needs the [web] extra)
 
 Errors are one line on stderr and a non-zero exit; a failed run leaves no output directory behind.
 """
@@ -235,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .atomic import atomic_directory
     from .pipeline import ConceptExpressPipeline
-    from .toyworld import model_path, render_scene
+    from .toyworld import GENERATION_STEPS, GUIDANCE_SCALE, model_path, render_scene
 
     out = Path(args.out)
     _check_new_dir(out, args.overwrite)
@@ -260,8 +261,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             pipe,
             result.tokens,
             seed=args.seed,
-            steps=25,
-            guidance=5.0,
+            steps=GENERATION_STEPS,
+            guidance=GUIDANCE_SCALE,
             extra_prompts=(context,),
             concepts=tmp / "concepts",
         )
@@ -279,6 +280,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  concept files    {out / 'concepts' / 'concepts.safetensors'} (+ concept_k.safetensors, concepts.json)"
     )
     print(f"  generations      {out / 'samples.png'} (prompts in {out / 'prompts.txt'})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The web demo (Gradio) until interrupted; with no --model, on the shipped toy model (offline)."""
+    from .web import require_gradio, serve
+
+    require_gradio()  # a clear message before any model is loaded
+    serve(args.model, args.host, args.port, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -466,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     demo.set_defaults(func=cmd_demo)
+
+    srv = sub.add_parser("serve", help='the web demo in a browser (Gradio; pip install ".[web]")')
+    srv.add_argument(
+        "--model", default=None, help="diffusers folder or model id (default: the shipped toy model, offline)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    srv.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate an image with extracted concepts")
     gen.add_argument(

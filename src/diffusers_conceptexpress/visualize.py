@@ -12,7 +12,7 @@ import torch
 
 from .masks import as_bool_mask
 
-__all__ = ["MASK_COLOURS", "heatmap", "image_grid", "overlay_masks"]
+__all__ = ["MASK_COLOURS", "enlarged", "heatmap", "image_grid", "overlay_masks"]
 
 # Overlay colours (RGB) of concepts 1, 2, ..., cycled when there are more concepts.
 MASK_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -112,3 +112,13 @@ def image_grid(
         if wrapped:
             draw.multiline_text((x + 2, y + h + 2), "\n".join(wrapped[i]), fill=(0, 0, 0), spacing=1)
     return grid
+
+
+def enlarged(image: PIL.Image.Image, min_size: int = 256) -> PIL.Image.Image:
+    """``image`` enlarged by the smallest integer factor that makes its smaller side at least ``min_size``
+    pixels, with nearest neighbour (so the pixels of a small toy image stay sharp); unchanged if already that
+    large."""
+    scale = -(-min_size // max(1, min(image.size)))
+    if scale <= 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)

@@ -35,6 +35,8 @@ from .tokenizer import WORDS, build_tokenizer
 __all__ = [
     "BACKGROUNDS",
     "COLORS",
+    "GENERATION_STEPS",
+    "GUIDANCE_SCALE",
     "IMAGE_SIZE",
     "PALETTE",
     "SHAPES",
@@ -50,6 +52,11 @@ __all__ = [
     "render_scene",
     "shape_mask",
 ]
+
+#: Sampling settings the toy model is evaluated and shown with (docs/toyworld.md): DDIM steps, guidance scale
+#: (7.5, the SD default, over-saturates it; 1 loses the shape).
+GENERATION_STEPS = 25
+GUIDANCE_SCALE = 5.0
 
 
 def model_path() -> str:

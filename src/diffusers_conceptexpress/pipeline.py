@@ -81,7 +81,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         """Image sides must be multiples of this (VAE factor x the UNet's total downsampling): 64 for SD."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
-    def encode_image(
+    def encode_pixels(
         self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Encode (B, 3, H, W) pixels in [-1, 1] to scaled latents (B, C, H / f, W / f).
@@ -306,10 +306,10 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         with torch.no_grad():
             # two images encoded in all: the image and its horizontal flip (the flip augmentation reuses them)
             if posterior is None:  # user masks: no localization pass, one encode of both
-                latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)]))
+                latents = self.encode_pixels(torch.cat([pixels, pixels.flip(-1)]))
             else:  # the image's localization encode is reused; the VAE rounds a batch of one and of two
                 # differently, so this changes the embeddings in the last bits against a batch of two
-                latents = torch.cat([self._scaled(posterior.mean), self.encode_image(pixels.flip(-1))])
+                latents = torch.cat([self._scaled(posterior.mean), self.encode_pixels(pixels.flip(-1))])
             latents = latents.to(self.unet.dtype)
         device = latents.device
         with self.progress_bar(total=learn_config.num_train_steps) as bar:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,26 @@ def community_pipeline_path() -> str:
     trust_remote_code=True)``; the file only re-exports :class:`ConceptExpressPipeline` from this package.
     """
     return str(Path(__file__).resolve().parent / "community" / f"{_ENTRY_MODULE}.py")
+
+
+def _runs_the_method(training: bool):
+    """Decorate :meth:`ConceptExpressPipeline.localize_concepts` (``training=False``) and ``extract_concepts``:
+    clear errors for model states the method cannot run in, FreeU off during the work, and offloaded models put
+    back after it (as diffusers' ``__call__`` does with ``maybe_free_model_hooks``)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            self._check_model_state(training)
+            try:
+                with self._freeu_off():
+                    return method(self, *args, **kwargs)
+            finally:
+                self.maybe_free_model_hooks()
+
+        return run
+
+    return decorate
 
 
 class ConceptExpressPipeline(StableDiffusionPipeline):
@@ -212,6 +234,66 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         ).input_ids.to(self._execution_device)
         return self.text_encoder(ids)[0], ids
 
+    # ------------------------------------------------------------ model state
+    def _check_model_state(self, training: bool) -> None:
+        """Fail with a clear message, before any model work, where localization (or learning) cannot run."""
+        if getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":
+            raise RuntimeError(
+                "An IP-Adapter is loaded: its UNet needs image embeddings at every call, and the method runs the "
+                "UNet on the image alone. Call pipe.unload_ip_adapter() before localize_concepts / "
+                "extract_concepts, and load_ip_adapter(...) again after to generate with it."
+            )
+        group_offload = getattr(self, "_maybe_raise_error_if_group_offload_active", None)  # diffusers >= 0.33
+        if training and group_offload is not None and group_offload(raise_error=False):
+            raise RuntimeError(
+                "Group offloading (enable_group_offload) is not supported by extract_concepts: concept learning "
+                "trains an embedding installed in the text encoder, which group offloading's hooks do not move. "
+                "Use enable_model_cpu_offload() instead (localize_concepts works with any offloading)."
+            )
+
+    @contextmanager
+    def _freeu_off(self):
+        """FreeU (a sampling-time re-weighting of the UNet's up blocks) off inside the block, as it was after.
+
+        Localization and learning use the plain UNet, whose attention the method's constants were set on; a
+        pipeline with ``enable_freeu(...)`` still generates with FreeU.
+        """
+        keys = ("s1", "s2", "b1", "b2")
+        saved = [{k: getattr(block, k, None) for k in keys} for block in self.unet.up_blocks]
+        self.unet.disable_freeu()
+        try:
+            yield
+        finally:
+            for block, values in zip(self.unet.up_blocks, saved, strict=True):
+                for k, v in values.items():
+                    if v is not None:
+                        setattr(block, k, v)
+
+    @contextmanager
+    def _offloading_suspended(self, *resident: str):
+        """Accelerate's offloading hooks off inside the block, the ``resident`` modules on the execution device
+        and the others on the CPU; the same offloading (model or sequential) is enabled again after.
+
+        diffusers' own pattern for changing modules of an offloaded pipeline (``load_lora_weights``); nothing
+        happens without offloading.
+        """
+        device = self._execution_device
+        flags = self._optionally_disable_offloading(self)  # removes the hooks (diffusers' LoRA loader helper)
+        model_offload, sequential = flags[0], flags[1]
+        if not (model_offload or sequential):
+            yield
+            return
+        for name, module in self.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to(device if name in resident else "cpu")
+        try:
+            yield
+        finally:
+            if model_offload:
+                self.enable_model_cpu_offload(device=device)
+            else:
+                self.enable_sequential_cpu_offload(device=device)
+
     def _check_resolution(self, resolution: int) -> None:
         if resolution % self.size_multiple:
             raise ValueError(
@@ -233,6 +315,7 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         return loc, learn
 
     # ------------------------------------------------------------- localization
+    @_runs_the_method(training=False)
     @torch.no_grad()
     def localize_concepts(
         self,
@@ -336,6 +419,7 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         )
 
     # ---------------------------------------------------------------- learning
+    @_runs_the_method(training=True)
     def extract_concepts(
         self,
         image: ImageInput,
@@ -410,7 +494,10 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
                 latents = torch.cat([self._scaled(posterior.mean), self.encode_pixels(pixels.flip(-1))])
             latents = latents.to(self.unet.dtype)
         device = latents.device
-        with self.progress_bar(total=learn_config.num_train_steps) as bar:
+        # the text encoder and the UNet run at every step and the text encoder's embedding is swapped for a
+        # trainable one: no offloading hooks move them during training (back on after)
+        resident = self._offloading_suspended("text_encoder", "unet")
+        with resident, self.progress_bar(total=learn_config.num_train_steps) as bar:
             learned = learn_concepts(
                 tokenizer=self.tokenizer,
                 text_encoder=self.text_encoder,
@@ -450,7 +537,8 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         else:
             prefix, emb, tokens = read_concepts(concepts)
         existing = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
-        if existing:
-            self.unload_textual_inversion(existing)
-        self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
+        with self._offloading_suspended():  # diffusers' loader would re-enable offloading on the wrong device
+            if existing:
+                self.unload_textual_inversion(existing)
+            self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
         return tokens

@@ -44,7 +44,7 @@ def extracted(tmp_path_factory, components_factory):
     for kind in ("sd1", "sd2", "sd2-v"):
         root = tmp_path_factory.mktemp(kind)
         pipe = ConceptExpressPipeline(**components_factory(kind))
-        pipe.save_pretrained(root / "model")
+        pipe.save_pretrained(root / "model", pipeline_code=False)  # a plain SD folder, for the stock loader
         original = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
         vocab = len(pipe.tokenizer)
         result = pipe.extract_concepts(

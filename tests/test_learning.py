@@ -25,7 +25,7 @@ def setup(pipe):
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     pixels, _ = prepare_image(image, 32, multiple=8)
     with torch.no_grad():
-        latents = pipe.encode_image(pixels)
+        latents = pipe.encode_pixels(pixels)
     masks = two_masks()
     features = masks.float() / masks.float().sum((1, 2), keepdim=True)
     return latents, masks, features

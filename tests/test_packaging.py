@@ -35,6 +35,7 @@ def test_wheel_holds_the_package_and_the_shipped_model_only(wheel):
     for part in ("unet", "vae", "text_encoder", "classifier"):
         assert any(n.startswith(f"diffusers_conceptexpress/toyworld/model/{part}/") for n in names)
     assert "diffusers_conceptexpress/toyworld/model/model_index.json" in names
+    assert "diffusers_conceptexpress/community/pipeline.py" in names  # the custom_pipeline entry
     # no training code of the toy world: its modules build no optimiser (the package's own optimiser is the
     # method's, learning.py, which learns token embeddings)
     toyworld = {n: text for n, text in sources.items() if n.startswith("diffusers_conceptexpress/toyworld/")}

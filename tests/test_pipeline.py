@@ -111,11 +111,15 @@ def test_save_and_from_pretrained(tmp_path, components_factory):
     assert torch.equal(pipe.localize_concepts(img).latent_masks, loaded.localize_concepts(img).latent_masks)
     half = ConceptExpressPipeline.from_pretrained(tmp_path / "pipe", dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
-    # the stock SD pipeline loads the same folder
-    sd = StableDiffusionPipeline.from_pretrained(
-        tmp_path / "pipe", safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    assert isinstance(sd, StableDiffusionPipeline)
+    # the folder names its class through its pipeline.py, so the stock SD class asks for trust_remote_code ...
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    # ... and a folder saved without that entry is a plain SD folder that the stock pipeline loads as is
+    pipe.save_pretrained(tmp_path / "plain", pipeline_code=False)
+    assert not (tmp_path / "plain" / "pipeline.py").exists()
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "plain")
+    assert type(sd) is StableDiffusionPipeline and sd.safety_checker is None
+    assert isinstance(ConceptExpressPipeline.from_pretrained(tmp_path / "plain"), ConceptExpressPipeline)
 
 
 def test_from_pipe_keeps_dtype_and_shares_modules(components_factory):

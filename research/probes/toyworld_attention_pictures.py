@@ -44,7 +44,7 @@ def load_pipeline(model: str | None, checkpoint: str | None) -> ConceptExpressPi
 def self_attention_rows(pipe, image, factors) -> tuple[torch.Tensor, tuple[int, int]]:
     """The aggregated (R^2, R^2) self-attention of the localization pass, restricted to ``factors``."""
     pixels, _ = prepare_image(image, pipe.default_resolution, multiple=pipe.size_multiple, policy="squash")
-    latents = pipe.encode_image(pixels)
+    latents = pipe.encode_pixels(pixels)
     h, w = latents.shape[-2:]
     embeds, _ = pipe.encode_prompt_ids([""])
     recorder = AttentionRecorder((h, w), self_factors=factors)

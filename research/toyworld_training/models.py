@@ -221,7 +221,8 @@ def export(run_dir: Path, out: Path, which: str = "ema") -> None:
     """
     pipe = assemble_pipeline(run_dir, load_unet_checkpoint(run_dir / "unet.pt", which))
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # a plain SD folder: no community-pipeline entry (pipeline.py) next to model_index.json
+    pipe.save_pretrained(out, safe_serialization=True, pipeline_code=False)
     # the stock StableDiffusionPipeline reads model_index.json: name it as such
     index = json.loads((out / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionPipeline"

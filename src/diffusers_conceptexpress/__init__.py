@@ -12,7 +12,7 @@ from .image_io import ImageInputError, load_image, prepare_image
 from .learning import LearnedConcepts, LearningConfig, learn_concepts
 from .localization import LocalizationConfig, LocalizationResult, localize
 from .outputs import ConceptExpressOutput, ConceptLocalization
-from .pipeline import ConceptExpressPipeline
+from .pipeline import ConceptExpressPipeline, community_pipeline_path
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "LocalizationResult",
     "__version__",
     "capture_attention",
+    "community_pipeline_path",
     "constrained_finch",
     "extract_images",
     "finch",

@@ -307,7 +307,6 @@ class RecordingAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
         **kwargs,
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
@@ -318,9 +317,15 @@ class RecordingAttnProcessor:
         )
         factor, gh, gw = layer_grid(self.recorder.latent_size, seq_len)
         wanted = self.recorder._wants_cross(factor) if is_cross else self.recorder._wants_self(factor)
-        if not wanted:
+        if not wanted:  # called the way Attention calls processors: not every processor takes temb
+            if temb is not None:
+                kwargs["temb"] = temb
             return self.fallback(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
             )
         return self._attend(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb, factor, (gh, gw)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import functools
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .attention import AttentionRecorder, capture_attention, nearest_factor
 from .export import joint_embeddings, read_concepts
@@ -22,17 +26,57 @@ from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["ConceptExpressPipeline"]
+__all__ = ["ConceptExpressPipeline", "community_pipeline_path"]
+
+# model_index.json of a saved pipeline names the class as [module file, class] (diffusers' remote-code form),
+# with the module file written next to it, so that DiffusionPipeline.from_pretrained finds the class
+_ENTRY_MODULE = "pipeline"
+_ENTRY_CLASS = "ConceptExpressPipeline"
 
 
-class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
+def community_pipeline_path() -> str:
+    """Path of the package's community-pipeline file (``community/pipeline.py``).
+
+    Pass it, or its folder, as ``custom_pipeline`` to ``DiffusionPipeline.from_pretrained(...,
+    trust_remote_code=True)``; the file only re-exports :class:`ConceptExpressPipeline` from this package.
+    """
+    return str(Path(__file__).resolve().parent / "community" / f"{_ENTRY_MODULE}.py")
+
+
+def _runs_the_method(training: bool):
+    """Decorate :meth:`ConceptExpressPipeline.localize_concepts` (``training=False``) and ``extract_concepts``:
+    clear errors for model states the method cannot run in, FreeU off during the work, and offloaded models put
+    back after it (as diffusers' ``__call__`` does with ``maybe_free_model_hooks``)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            self._check_model_state(training)
+            try:
+                with self._freeu_off():
+                    return method(self, *args, **kwargs)
+            finally:
+                self.maybe_free_model_hooks()
+
+        return run
+
+    return decorate
+
+
+class ConceptExpressPipeline(StableDiffusionPipeline):
     r"""ConceptExpress (Hao et al., ECCV 2024) on a Stable Diffusion model (SD 1.x, SD 2.x, v-prediction).
 
     Finds the visual concepts of ONE image with no words, no masks and no concept count
-    (:meth:`localize_concepts`). Loads like any SD pipeline::
+    (:meth:`localize_concepts`) and learns one textual-inversion token per concept (:meth:`extract_concepts`).
+    It IS a ``StableDiffusionPipeline``: ``__call__``, ``encode_prompt``, the loaders (textual inversion, LoRA,
+    IP-Adapter, single file) and the switches (attention and VAE slicing, VAE tiling, FreeU, fused QKV,
+    offloading) are diffusers' own. Loads like any SD pipeline::
 
         pipe = ConceptExpressPipeline.from_pretrained("path/or/id", dtype=torch.float16)
         pipe = ConceptExpressPipeline.from_pipe(sd_pipe)  # shares the modules, keeps their dtype
+        pipe = DiffusionPipeline.from_pretrained(
+            "path/or/id", custom_pipeline=community_pipeline_path(), trust_remote_code=True
+        )
 
     Args:
         vae: autoencoder between images and latents.
@@ -40,10 +84,11 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         tokenizer: its CLIP tokenizer.
         unet: the denoising UNet.
         scheduler: a scheduler of the base model (its ``prediction_type`` is read, never assumed).
+        safety_checker, feature_extractor: optional, as for ``StableDiffusionPipeline`` (None by default:
+            ``from_pretrained`` and ``from_pipe`` of this class leave them out unless they are passed).
+        image_encoder: optional CLIP vision model for IP-Adapters.
+        requires_safety_checker: as for ``StableDiffusionPipeline`` (False by default).
     """
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components: ClassVar[list[str]] = []
 
     def __init__(
         self,
@@ -52,23 +97,98 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = False,
     ) -> None:
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    # ------------------------------------------------------------- loading, saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ConceptExpressPipeline:
+        """``DiffusionPipeline.from_pretrained`` for this class (any SD 1.x / 2.x folder or repository, or a folder
+        written by :meth:`save_pretrained`).
+
+        A safety checker in the model is not loaded unless ``safety_checker=`` is passed (the pipeline's own
+        work needs none; generation then behaves as ``StableDiffusionPipeline`` without one).
+        """
+        if "safety_checker" not in kwargs:
+            kwargs["safety_checker"] = None
+            kwargs.setdefault("feature_extractor", None)
+            kwargs.setdefault("requires_safety_checker", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> ConceptExpressPipeline:
         """Build from another pipeline (e.g. a ``StableDiffusionPipeline``), sharing its modules.
 
         Unlike ``DiffusionPipeline.from_pipe``, which casts to float32 unless told otherwise, the modules keep
-        the dtype they have (pass ``dtype=`` to change it).
+        the dtype they have (pass ``dtype=`` to change it). As :meth:`from_pretrained`, the source's safety
+        checker is not taken over unless ``safety_checker=`` is passed.
         """
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = pipeline.dtype
+        if "safety_checker" not in kwargs:
+            kwargs["safety_checker"] = None
+            kwargs.setdefault("feature_extractor", None)
+            kwargs.setdefault("requires_safety_checker", False)
         return super().from_pipe(pipeline, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """Read ``model_index.json``; a saved pipeline's ``[module, class]`` name becomes the class name.
+
+        Loading through this class (or a subclass) never runs the ``pipeline.py`` of a folder: the class is
+        already known. Without this, diffusers would resolve the pair to that file and ask for
+        ``trust_remote_code`` (both ``from_pretrained`` on a folder and ``download`` from the Hub read the file
+        through this method).
+        """
+        config = super()._dict_from_json_file(json_file)
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        if isinstance(name, (list, tuple)) and len(name) == 2:
+            config["_class_name"] = name[1]
+        return config
+
+    def save_pretrained(self, save_directory, *args, pipeline_code: bool = True, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained``, plus the community entry (``pipeline_code=True``, default).
+
+        The folder then loads with ``ConceptExpressPipeline.from_pretrained(folder)`` and with
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: ``model_index.json`` names the class
+        ``["pipeline", "ConceptExpressPipeline"]`` and ``pipeline.py`` (a copy of :func:`community_pipeline_path`,
+        which imports the installed package) lies next to it. Other pipeline classes then need
+        ``trust_remote_code=True`` as well; ``pipeline_code=False`` writes a plain Stable Diffusion folder instead
+        (``StableDiffusionPipeline.from_pretrained`` loads it as is).
+        """
+        self._write_pipeline_code = pipeline_code
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self._write_pipeline_code
+
+    def to_json_file(self, json_file_path) -> None:
+        """Write the config; for ``model_index.json`` also the community entry (see :meth:`save_pretrained`).
+
+        ``save_config`` (called by ``save_pretrained``, before any upload to the Hub) writes through this method.
+        """
+        super().to_json_file(json_file_path)
+        path = Path(json_file_path)
+        if path.name != self.config_name or not getattr(self, "_write_pipeline_code", True):
+            return
+        shutil.copyfile(community_pipeline_path(), path.parent / f"{_ENTRY_MODULE}.py")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["_class_name"] = [_ENTRY_MODULE, _ENTRY_CLASS]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -81,7 +201,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         """Image sides must be multiples of this (VAE factor x the UNet's total downsampling): 64 for SD."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
-    def encode_image(
+    def encode_pixels(
         self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Encode (B, 3, H, W) pixels in [-1, 1] to scaled latents (B, C, H / f, W / f).
@@ -114,6 +234,66 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         ).input_ids.to(self._execution_device)
         return self.text_encoder(ids)[0], ids
 
+    # ------------------------------------------------------------ model state
+    def _check_model_state(self, training: bool) -> None:
+        """Fail with a clear message, before any model work, where localization (or learning) cannot run."""
+        if getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":
+            raise RuntimeError(
+                "An IP-Adapter is loaded: its UNet needs image embeddings at every call, and the method runs the "
+                "UNet on the image alone. Call pipe.unload_ip_adapter() before localize_concepts / "
+                "extract_concepts, and load_ip_adapter(...) again after to generate with it."
+            )
+        group_offload = getattr(self, "_maybe_raise_error_if_group_offload_active", None)  # diffusers >= 0.33
+        if training and group_offload is not None and group_offload(raise_error=False):
+            raise RuntimeError(
+                "Group offloading (enable_group_offload) is not supported by extract_concepts: concept learning "
+                "trains an embedding installed in the text encoder, which group offloading's hooks do not move. "
+                "Use enable_model_cpu_offload() instead (localize_concepts works with any offloading)."
+            )
+
+    @contextmanager
+    def _freeu_off(self):
+        """FreeU (a sampling-time re-weighting of the UNet's up blocks) off inside the block, as it was after.
+
+        Localization and learning use the plain UNet, whose attention the method's constants were set on; a
+        pipeline with ``enable_freeu(...)`` still generates with FreeU.
+        """
+        keys = ("s1", "s2", "b1", "b2")
+        saved = [{k: getattr(block, k, None) for k in keys} for block in self.unet.up_blocks]
+        self.unet.disable_freeu()
+        try:
+            yield
+        finally:
+            for block, values in zip(self.unet.up_blocks, saved, strict=True):
+                for k, v in values.items():
+                    if v is not None:
+                        setattr(block, k, v)
+
+    @contextmanager
+    def _offloading_suspended(self, *resident: str):
+        """Accelerate's offloading hooks off inside the block, the ``resident`` modules on the execution device
+        and the others on the CPU; the same offloading (model or sequential) is enabled again after.
+
+        diffusers' own pattern for changing modules of an offloaded pipeline (``load_lora_weights``); nothing
+        happens without offloading.
+        """
+        device = self._execution_device
+        flags = self._optionally_disable_offloading(self)  # removes the hooks (diffusers' LoRA loader helper)
+        model_offload, sequential = flags[0], flags[1]
+        if not (model_offload or sequential):
+            yield
+            return
+        for name, module in self.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to(device if name in resident else "cpu")
+        try:
+            yield
+        finally:
+            if model_offload:
+                self.enable_model_cpu_offload(device=device)
+            else:
+                self.enable_sequential_cpu_offload(device=device)
+
     def _check_resolution(self, resolution: int) -> None:
         if resolution % self.size_multiple:
             raise ValueError(
@@ -135,6 +315,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         return loc, learn
 
     # ------------------------------------------------------------- localization
+    @_runs_the_method(training=False)
     @torch.no_grad()
     def localize_concepts(
         self,
@@ -238,6 +419,7 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         )
 
     # ---------------------------------------------------------------- learning
+    @_runs_the_method(training=True)
     def extract_concepts(
         self,
         image: ImageInput,
@@ -306,13 +488,16 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         with torch.no_grad():
             # two images encoded in all: the image and its horizontal flip (the flip augmentation reuses them)
             if posterior is None:  # user masks: no localization pass, one encode of both
-                latents = self.encode_image(torch.cat([pixels, pixels.flip(-1)]))
+                latents = self.encode_pixels(torch.cat([pixels, pixels.flip(-1)]))
             else:  # the image's localization encode is reused; the VAE rounds a batch of one and of two
                 # differently, so this changes the embeddings in the last bits against a batch of two
-                latents = torch.cat([self._scaled(posterior.mean), self.encode_image(pixels.flip(-1))])
+                latents = torch.cat([self._scaled(posterior.mean), self.encode_pixels(pixels.flip(-1))])
             latents = latents.to(self.unet.dtype)
         device = latents.device
-        with self.progress_bar(total=learn_config.num_train_steps) as bar:
+        # the text encoder and the UNet run at every step and the text encoder's embedding is swapped for a
+        # trainable one: no offloading hooks move them during training (back on after)
+        resident = self._offloading_suspended("text_encoder", "unet")
+        with resident, self.progress_bar(total=learn_config.num_train_steps) as bar:
             learned = learn_concepts(
                 tokenizer=self.tokenizer,
                 text_encoder=self.text_encoder,
@@ -352,26 +537,8 @@ class ConceptExpressPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         else:
             prefix, emb, tokens = read_concepts(concepts)
         existing = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
-        if existing:
-            self.unload_textual_inversion(existing)
-        self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
+        with self._offloading_suspended():  # diffusers' loader would re-enable offloading on the wrong device
+            if existing:
+                self.unload_textual_inversion(existing)
+            self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
         return tokens
-
-    # -------------------------------------------------------------- generation
-    def __call__(self, prompt=None, **kwargs):
-        """Generate images exactly like ``StableDiffusionPipeline.__call__`` (same arguments), e.g. to try
-        learned tokens: ``pipe("a photo of <ce>_1 in the snow").images[0]``."""
-        from diffusers import StableDiffusionPipeline
-
-        sd = getattr(self, "_generation_pipeline", None)
-        if sd is None:  # built once; it shares every module (and the loaded tokens) with this pipeline
-            sd = StableDiffusionPipeline.from_pipe(
-                self,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                dtype=self.dtype,
-            )
-            self._generation_pipeline = sd
-        sd.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return sd(prompt, **kwargs)

@@ -126,7 +126,7 @@ def shared(tmp_path_factory, components_factory):
     """A saved tiny SD 2 model, the demo's engine on it, and the concepts of two sessions' images."""
     root = tmp_path_factory.mktemp("web")
     pipe = ConceptExpressPipeline(**components_factory("sd2"))
-    pipe.save_pretrained(root / "model")
+    pipe.save_pretrained(root / "model", pipeline_code=False)  # a plain SD folder, for the stock loader
     pipe.set_progress_bar_config(disable=True)
     engine = ConceptExpressDemo(pipe, inference_steps=2, guidance=3.0)
     vocabulary = len(pipe.tokenizer)

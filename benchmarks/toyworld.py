@@ -738,13 +738,13 @@ def main() -> None:
     model = args.model or model_path()
     parts = args.parts.split(",")
     items = scenes(args.scenes, args.seed_start)
+    fingerprint = args.records_of or model_fingerprint(model, world)  # hashes the weights once
     for variant in _wanted_variants(args) if "extraction" in parts else []:
-        unpack_records(Path(args.records) / (args.records_of or model_fingerprint(model, world)), variant)
+        unpack_records(Path(args.records) / fingerprint, variant)
     if args.records_of is not None:
         _check_records_of(p, args, parts, items)
-        fingerprint, pipe = args.records_of, None
+        pipe = None
     else:
-        fingerprint = model_fingerprint(model, world)
         pipe = ConceptExpressPipeline.from_pretrained(model).to(args.device)
         pipe.set_progress_bar_config(disable=True)
     work = Path(args.work) / fingerprint  # caches of another model's weights are never mixed in

@@ -66,7 +66,7 @@ class ConceptExpressOutput(BaseOutput):
     Attributes:
         tokens: K prompt tokens, one per concept, in the order of ``localization`` (e.g. ``["<ce>_1", ...]``);
             after :meth:`save` and ``load_textual_inversion("<dir>/concepts.safetensors")`` each is usable alone.
-        embeddings: (K, D) float32 learned embeddings (CPU).
+        embeddings: (K, D) float32 learned embeddings (CPU); SDXL: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
         localization: the concept masks (from :meth:`localize_concepts`, or built from the user's masks).
         learning: counts (optimiser updates, UNet samples) and the loss history.
         token_prefix: the token of all concepts together (``<ce>``).
@@ -76,7 +76,7 @@ class ConceptExpressOutput(BaseOutput):
     """
 
     tokens: list[str]
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | dict[str, torch.Tensor]
     localization: ConceptLocalization
     learning: LearnedConcepts | None = None
     token_prefix: str = DEFAULT_TOKEN_PREFIX
@@ -87,7 +87,7 @@ class ConceptExpressOutput(BaseOutput):
     @property
     def num_concepts(self) -> int:
         """Number of concepts K."""
-        return int(self.embeddings.shape[0])
+        return len(self.tokens)
 
     def save(self, directory: str, overwrite: bool = False) -> str:
         """Write the concept files (see :mod:`diffusers_conceptexpress.export`) atomically; returns the path."""

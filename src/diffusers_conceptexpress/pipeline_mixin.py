@@ -47,11 +47,19 @@ def model_family(model_index: dict) -> str:
 
 
 def local_model_family(path) -> str | None:
-    """:func:`model_family` of a local model folder; None when ``path`` is no folder with ``model_index.json``
-    (e.g. a Hub id)."""
+    """:func:`model_family` of a model folder, or of a Hub id whose ``model_index.json`` is in the local cache
+    (nothing is downloaded); None when neither has the file."""
     index = Path(str(path)) / "model_index.json"
     if not index.is_file():
-        return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(path), "model_index.json")
+        except Exception:  # not a valid repository id
+            return None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
     return model_family(json.loads(index.read_text(encoding="utf-8")))
 
 
@@ -476,3 +484,10 @@ class ConceptExpressMixin:
                     {prefix: joint_embeddings(r).to(encoder.dtype)}, tokenizer=tokenizer, text_encoder=encoder
                 )
         return tokens
+
+    def unload_concepts(self, tokens: list[str]) -> None:
+        """Remove ``tokens`` (loaded by :meth:`load_concepts`) from every tokenizer and text encoder."""
+        for tok_name, enc_name in zip(self._tokenizer_names, self._text_encoder_names, strict=True):
+            self.unload_textual_inversion(
+                tokens, tokenizer=getattr(self, tok_name), text_encoder=getattr(self, enc_name)
+            )

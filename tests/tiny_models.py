@@ -31,6 +31,22 @@ def tiny_tokenizer(directory: str | Path, pad: str = "<|endoftext|>") -> CLIPTok
     return build_tokenizer(directory, words=WORDS, pad=pad, max_length=77)
 
 
+def tiny_vae(**config) -> AutoencoderKL:
+    """A two-block ``AutoencoderKL`` (VAE factor 2, 4 latent channels); ``config`` adds or overrides fields."""
+    return AutoencoderKL(
+        **{
+            "block_out_channels": (16, 32),
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            **config,
+        }
+    )
+
+
 def tiny_components(kind: str, workdir: str | Path, seed: int = 0) -> dict:
     """Components (vae, text_encoder, tokenizer, unet, scheduler) of a tiny pipeline of the given kind."""
     if kind not in KINDS:
@@ -51,16 +67,7 @@ def tiny_components(kind: str, workdir: str | Path, seed: int = 0) -> dict:
         upcast_attention=kind == "sd2-v",
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae(sample_size=32)
     tokenizer = tiny_tokenizer(Path(workdir) / f"tokenizer-{kind}", pad="!" if sd2 else "<|endoftext|>")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -131,17 +138,7 @@ def tiny_sdxl_components(workdir: str | Path, seed: int = 0) -> dict:
         cross_attention_dim=sum(widths),
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae(sample_size=64, scaling_factor=0.13025)  # SDXL's VAE scaling factor
     tokenizer = tiny_tokenizer(Path(workdir) / "tokenizer", pad="<|endoftext|>")
     tokenizer_2 = tiny_tokenizer(Path(workdir) / "tokenizer_2", pad="!")
 

@@ -14,7 +14,7 @@ from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .conditioning import SDConditioning
-from .pipeline_mixin import ConceptExpressMixin, local_model_family, model_family
+from .pipeline_mixin import ConceptExpressMixin
 
 logger = logging.get_logger(__name__)
 
@@ -95,7 +95,6 @@ class ConceptExpressPipeline(ConceptExpressMixin, StableDiffusionPipeline):
         A safety checker in the model is not loaded unless ``safety_checker=`` is passed (the pipeline's own
         work needs none; generation then behaves as ``StableDiffusionPipeline`` without one).
         """
-        cls._check_family(pretrained_model_name_or_path, local_model_family(pretrained_model_name_or_path))
         if "safety_checker" not in kwargs:
             kwargs["safety_checker"] = None
             kwargs.setdefault("feature_extractor", None)
@@ -110,9 +109,6 @@ class ConceptExpressPipeline(ConceptExpressMixin, StableDiffusionPipeline):
         the dtype they have (pass ``dtype=`` to change it). As :meth:`from_pretrained`, the source's safety
         checker is not taken over unless ``safety_checker=`` is passed.
         """
-        cls._check_family(type(pipeline).__name__, model_family(pipeline.components))
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs["dtype"] = pipeline.dtype
         if "safety_checker" not in kwargs:
             kwargs["safety_checker"] = None
             kwargs.setdefault("feature_extractor", None)

@@ -115,6 +115,23 @@ class ConceptExpressMixin:
             f"{other} (the CLI picks the class from model_index.json)."
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, after checking (on a local folder or a cached Hub id, before
+        anything is loaded) that the model is of this class's family."""
+        cls._check_family(pretrained_model_name_or_path, local_model_family(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """``DiffusionPipeline.from_pipe`` for a pipeline of this class's family, sharing its modules; unlike
+        diffusers' method (which casts to float32 unless told otherwise) the modules keep their dtype unless
+        ``dtype=`` is passed."""
+        cls._check_family(type(pipeline).__name__, model_family(pipeline.components))
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = pipeline.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
     def localization_grid(self, latent_size: tuple[int, int]) -> tuple[int, int]:
         """The grid the self-attention is aggregated and clustered on: the UNet's finest attention grid.
 

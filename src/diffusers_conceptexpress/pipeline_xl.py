@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .conditioning import SDXLConditioning, eot_positions, pooled_at_eot, tokenize
-from .pipeline_mixin import ConceptExpressMixin, local_model_family, model_family
+from .pipeline_mixin import ConceptExpressMixin
 
 __all__ = ["ConceptExpressXLPipeline"]
 
@@ -75,22 +75,6 @@ class ConceptExpressXLPipeline(ConceptExpressMixin, StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ConceptExpressXLPipeline:
-        """``DiffusionPipeline.from_pretrained`` for this class (an SDXL folder or repository); an SD 1.x / 2.x
-        folder fails with one line before anything is loaded."""
-        cls._check_family(pretrained_model_name_or_path, local_model_family(pretrained_model_name_or_path))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> ConceptExpressXLPipeline:
-        """Build from another SDXL pipeline (e.g. a ``StableDiffusionXLPipeline``), sharing its modules; unlike
-        ``DiffusionPipeline.from_pipe`` the modules keep their dtype unless ``dtype=`` is passed."""
-        cls._check_family(type(pipeline).__name__, model_family(pipeline.components))
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs["dtype"] = pipeline.dtype
-        return super().from_pipe(pipeline, **kwargs)
 
     def to_json_file(self, json_file_path) -> None:
         """Write the config; ``model_index.json`` names ``StableDiffusionXLPipeline``, so a folder written by

@@ -5,9 +5,10 @@ original processors back on exit, also when an error is raised. Layers that are 
 their original processor (SDPA by default), so capture costs nothing where nothing is recorded.
 
 Self-attention is never stored layer by layer. Every recorded self-attention layer adds its head-averaged
-probabilities, computed in chunks of query rows, straight into ONE running (R^2 x R^2) sum on the largest
-attention grid R (the latent grid): the key axis is upsampled bilinearly, the query axis by nearest
-neighbour, and the layer is weighted (docs/design.md, 'Localization'). Rows are normalised at the end.
+probabilities, computed in chunks of query rows, straight into ONE running (R^2 x R^2) sum on the
+aggregation grid R (the latent grid for SD; the finest attention grid, half the latent, for SDXL): the key
+axis is resampled bilinearly, the query axis by nearest neighbour, and the layer is weighted
+(docs/design.md, 'Localization'). Rows are normalised at the end.
 
 Cross-attention is kept for chosen token positions only, head-averaged, per layer; with ``cross_with_grad``
 the maps keep their autograd graph (the concept-learning stage trains through them).

@@ -150,8 +150,8 @@ class LearnedConcepts:
     Attributes:
         embeddings: (K, D) float32 learned embeddings, one per concept (CPU); for a conditioning with several
             text encoders (SDXL) a dict of them by file key (``{"clip_l": (K, 768), "clip_g": (K, 1280)}``).
-        initial_embeddings: (K, D) (or the same dict) the mean of each concept's initial split embeddings (the merge of the
-            untrained tokens), for comparison.
+        initial_embeddings: (K, D) (or the same dict) the mean of each concept's initial split embeddings (the
+            merge of the untrained tokens), for comparison.
         num_updates: optimiser steps taken.
         num_unet_samples: UNet sample-passes (one latent forward + backward each).
         history: per training step, a dict of mean losses ("loss", "diffusion", "attention", "contrastive").

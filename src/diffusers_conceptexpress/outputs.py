@@ -21,11 +21,12 @@ class ConceptLocalization(BaseOutput):
     """Result of :meth:`ConceptExpressPipeline.localize_concepts`.
 
     Concepts are ordered by salience (EOT score, descending). ``K`` is the number of concepts, ``h x w``
-    the latent grid (64 x 64 for SD at 512 px).
+    the localization grid: the latent grid for SD (64 x 64 at 512 px), the finest attention grid for SDXL
+    (64 x 64 at 1024 px, half the latent; ``options["grid"]``).
 
     Attributes:
         masks: K binary masks (PIL mode "L", 0 or 255) at the ORIGINAL image size.
-        latent_masks: (K, h, w) bool masks on the latent grid; disjoint.
+        latent_masks: (K, h, w) bool masks on the localization grid; disjoint.
         features: (K, h, w) float soft feature maps (mean self-attention of the concept's pixels), each
             summing to 1.
         eot_scores: (K,) mean [EOT] attention inside the concept / mean over the image (> 1: salient).

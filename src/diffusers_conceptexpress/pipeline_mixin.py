@@ -267,7 +267,8 @@ class ConceptExpressMixin:
                 tensor (C, H, W) in [0, 1]. At least 64 px on each side.
             generator: seeds the random parts ("kmeans" initialisation, ``latent_sampling="sample"``).
             return_attention: also return the aggregated self-attention that was clustered (``attention``
-                of the result: (h*w, h*w) float, 64 MiB at SD's 64 x 64 latent grid); off by default.
+                of the result: (h*w, h*w) float on the localization grid, 64 MiB at SD's 64 x 64 latent
+                grid and at SDXL's 64 x 64 attention grid); off by default.
             **options: fields of :class:`~diffusers_conceptexpress.LocalizationConfig`, e.g.
                 ``method="finch"``, ``method="kmeans", num_concepts=3``, ``resize_policy="keep_aspect"``.
 

@@ -286,6 +286,9 @@ def test_wrong_family_fails_with_one_line_before_loading(sd_dir, xl_dir, tmp_pat
     with pytest.raises(ValueError) as err:
         ConceptExpressXLPipeline.from_pipe(StableDiffusionPipeline.from_pretrained(sd_dir))
     assert "ConceptExpressPipeline" in one_line(err.value)
+    with pytest.raises(ValueError) as err:
+        ConceptExpressPipeline.from_pipe(stock_pipe(xl_dir))
+    assert "ConceptExpressXLPipeline" in one_line(err.value)
 
 
 def test_concepts_of_the_other_family_are_refused(saved, sd_dir):
@@ -329,3 +332,31 @@ def test_cli_picks_the_xl_pipeline(xl_dir, tmp_path, capsys):
     cmd = ["generate", "--prompt", "a photo of <ce>_1", "--model", str(xl_dir), "--concepts", str(concepts)]
     assert main([*cmd, "--out", str(picture), "--inference-steps", "2"]) == 0
     assert Image.open(picture).size == (64, 64)
+
+
+def test_user_masks_skip_localization(xl_pipe):
+    image = make_image(size=(96, 64))
+    left = np.zeros((64, 96), bool)
+    left[:, :40] = True
+    out = xl_pipe.extract_concepts(
+        image, masks=[left, ~left], generator=torch.Generator().manual_seed(0), load=False, **FAST
+    )
+    assert out.tokens == ["<ce>_1", "<ce>_2"] and out.embeddings["clip_g"].shape == (2, 40)
+    assert tuple(out.localization.latent_masks.shape[1:]) == (32, 32)  # the latent grid (squash to 64 px)
+
+
+def test_model_cpu_offload_gives_the_same_concepts(xl_dir):
+    reference = ConceptExpressXLPipeline.from_pretrained(xl_dir)
+    pipe = ConceptExpressXLPipeline.from_pretrained(xl_dir)
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks, executing on this machine's CPU
+    ours, theirs = (
+        p.extract_concepts(make_image(), generator=torch.Generator().manual_seed(0), **FAST)
+        for p in (pipe, reference)
+    )
+    assert all(torch.equal(ours.embeddings[k], theirs.embeddings[k]) for k in ("clip_l", "clip_g"))
+    assert hasattr(pipe.text_encoder_2, "_hf_hook") and hasattr(pipe.unet, "_hf_hook")
+    args = {"num_inference_steps": 2, "output_type": "np", "generator": torch.Generator().manual_seed(0)}
+    image = pipe("a photo of <ce>_1", **args).images
+    args["generator"] = torch.Generator().manual_seed(0)
+    # not bit-equal: a stock StableDiffusionXLPipeline loaded from a folder differs by ~1e-6 under offloading too
+    np.testing.assert_allclose(image, reference("a photo of <ce>_1", **args).images, atol=1e-5, rtol=0)

@@ -323,10 +323,12 @@ def test_cli_picks_the_xl_pipeline(xl_dir, tmp_path, capsys):
         str(concepts),
         "--steps",
         "1",
-        "--no-samples",
+        "--inference-steps",
+        "1",
     ]
-    assert main(args) == 0
+    assert main(args) == 0  # with the sample grid: the tokens are loaded for it, then unloaded
     assert json.loads((concepts / "concepts.json").read_text())["model_family"] == "sdxl"
+    assert (concepts / "samples.png").exists()
     assert "load_concepts" in capsys.readouterr().out
     picture = tmp_path / "gen.png"
     cmd = ["generate", "--prompt", "a photo of <ce>_1", "--model", str(xl_dir), "--concepts", str(concepts)]
@@ -360,3 +362,14 @@ def test_model_cpu_offload_gives_the_same_concepts(xl_dir):
     args["generator"] = torch.Generator().manual_seed(0)
     # not bit-equal: a stock StableDiffusionXLPipeline loaded from a folder differs by ~1e-6 under offloading too
     np.testing.assert_allclose(image, reference("a photo of <ce>_1", **args).images, atol=1e-5, rtol=0)
+
+
+def test_folder_with_sample_grid_leaves_no_token_in_either_tokenizer(xl_pipe, tmp_path):
+    from diffusers_conceptexpress.batch import extract_to_folder
+
+    sizes = (len(xl_pipe.tokenizer), len(xl_pipe.tokenizer_2))
+    out = extract_to_folder(
+        xl_pipe, make_image(), tmp_path / "c", seed=0, samples=True, inference_steps=1, guidance=2.0, **FAST
+    )
+    assert (tmp_path / "c" / "samples.png").exists() and out.num_concepts >= 1
+    assert (len(xl_pipe.tokenizer), len(xl_pipe.tokenizer_2)) == sizes

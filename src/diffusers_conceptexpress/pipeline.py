@@ -36,7 +36,9 @@ def community_pipeline_path() -> str:
 
 
 class ConceptExpressPipeline(ConceptExpressMixin, StableDiffusionPipeline):
-    r"""ConceptExpress (Hao et al., ECCV 2024) on a Stable Diffusion model (SD 1.x, SD 2.x, v-prediction).
+    r"""ConceptExpress (Hao et al., ECCV 2024) on a Stable Diffusion model (SD 1.x, SD 2.x, v-prediction); for
+    SDXL see :class:`~diffusers_conceptexpress.ConceptExpressXLPipeline` (the method's code is shared:
+    :class:`~diffusers_conceptexpress.pipeline_mixin.ConceptExpressMixin`).
 
     Finds the visual concepts of ONE image with no words, no masks and no concept count
     (:meth:`localize_concepts`) and learns one textual-inversion token per concept (:meth:`extract_concepts`).
@@ -93,7 +95,8 @@ class ConceptExpressPipeline(ConceptExpressMixin, StableDiffusionPipeline):
         written by :meth:`save_pretrained`).
 
         A safety checker in the model is not loaded unless ``safety_checker=`` is passed (the pipeline's own
-        work needs none; generation then behaves as ``StableDiffusionPipeline`` without one).
+        work needs none; generation then behaves as ``StableDiffusionPipeline`` without one). An SDXL folder
+        fails with one line naming :class:`~diffusers_conceptexpress.ConceptExpressXLPipeline`, before loading.
         """
         if "safety_checker" not in kwargs:
             kwargs["safety_checker"] = None

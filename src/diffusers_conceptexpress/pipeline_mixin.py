@@ -35,14 +35,15 @@ from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["ConceptExpressMixin", "model_family"]
+__all__ = ["ConceptExpressMixin", "local_model_family", "model_family"]
 
 #: model families by the text modules of their model_index.json
 FAMILIES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "Stable Diffusion XL"}
 
 
 def model_family(model_index: dict) -> str:
-    """ "sdxl" when a pipeline's ``model_index.json`` (or components dict) has ``text_encoder_2``, else "sd"."""
+    """The family of a pipeline's ``model_index.json`` (or components dict): "sdxl" with a ``text_encoder_2``,
+    else "sd"."""
     return "sdxl" if model_index.get("text_encoder_2") not in (None, [None, None]) else "sd"
 
 

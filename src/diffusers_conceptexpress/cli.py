@@ -359,7 +359,7 @@ def evaluation_samples(
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:
-            pipe.unload_textual_inversion([index["all_concepts_token"], *tokens])
+            pipe.unload_concepts([index["all_concepts_token"], *tokens])  # from every tokenizer (SDXL: two)
     single = [read_samples(cache, f"concept_{c + 1}", samples) for c in range(k)]
     return single, (read_samples(cache, "joint", samples) if k > 1 else [])
 

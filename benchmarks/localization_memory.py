@@ -32,9 +32,16 @@ from run to run by a few hundred MiB; run it several times. Setting the environm
 ``MALLOC_MMAP_THRESHOLD_=131072`` (inherited by both cases) makes glibc return every large block on free,
 which brings RSS close to the memory actually in use.
 
+SDXL (``--model sdxl``, default resolution 1024: latent 4 x 128 x 128): an SDXL-base-sized UNet
+(:data:`SDXL_UNET_CONFIG`, 2.6 G parameters, ~9.6 GiB in float32), ``encoder_hidden_states`` (1, 77, 2048) and
+the added conditioning (``text_embeds`` (1, 1280), ``time_ids`` (1, 6)). The recorder aggregates on the UNet's
+finest attention grid (``grid=``, 64 x 64 at 1024 px) and clustering runs there, as in
+``ConceptExpressXLPipeline``. ``--dtype bfloat16`` builds the UNet in bfloat16 (half the RAM; the recorder's
+running sum stays float32).
+
 Usage::
 
-    python benchmarks/localization_memory.py [--resolution 512] [--threads N] [--out PATH]
+    python benchmarks/localization_memory.py [--model sd|sdxl] [--resolution 512] [--threads N] [--out PATH]
 
 Needs ``psutil``. Needs about 5 GB of RAM per case at 512 px (the UNet alone is ~3.3 GiB in float32);
 the two cases run one after the other, never at the same time.
@@ -87,6 +94,25 @@ UNET_CONFIG = {
     "use_linear_projection": True,
 }
 TEXT_LEN = 77
+
+# SDXL-base UNet shape (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json).
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+MODELS = {"sd": (UNET_CONFIG, 512), "sdxl": (SDXL_UNET_CONFIG, 1024)}
 
 CASES = {
     "plain": "(a) plain UNet forward (SDPA)",
@@ -141,12 +167,23 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int | None = None) -> dict:
+def run_case(
+    case: str,
+    resolution: int,
+    threads: int | None,
+    chunk_bytes: int | None = None,
+    model: str = "sd",
+    dtype: str = "float32",
+) -> dict:
     """Measure one case in THIS process and return the numbers (MiB, seconds)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from diffusers_conceptexpress import AttentionRecorder, LocalizationConfig, capture_attention, localize
+    from diffusers_conceptexpress.attention import grid_at_factor, unet_attention_factors
+
+    config = MODELS[model][0]
+    torch_dtype = getattr(torch, dtype)
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -155,11 +192,21 @@ def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int |
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    unet = UNet2DConditionModel(**config).eval().to(torch_dtype)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, UNET_CONFIG["in_channels"], lat, lat, generator=gen)
-    text = torch.randn(1, TEXT_LEN, UNET_CONFIG["cross_attention_dim"], generator=gen)
+    latents = torch.randn(1, config["in_channels"], lat, lat, generator=gen).to(torch_dtype)
+    text = torch.randn(1, TEXT_LEN, config["cross_attention_dim"], generator=gen).to(torch_dtype)
+    inputs: dict = {"encoder_hidden_states": text}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=gen).to(torch_dtype),
+            "time_ids": torch.tensor(
+                [[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch_dtype
+            ),
+        }
+    grid = grid_at_factor((lat, lat), min(unet_attention_factors(unet)))
     timestep = torch.tensor([0])
     gc.collect()
     rss_build = proc.memory_info().rss / MIB
@@ -173,16 +220,17 @@ def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int |
         sampler.enter("forward")
         t0 = time.perf_counter()
         if case == "plain":
-            unet(latents, timestep, encoder_hidden_states=text)
+            unet(latents, timestep, **inputs)
             seconds["forward"] = time.perf_counter() - t0
         else:
             recorder = AttentionRecorder(
                 (lat, lat),
                 cross_token_indices=[1],
+                grid=grid,
                 **({} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}),
             )
             with capture_attention(unet, recorder):
-                unet(latents, timestep, encoder_hidden_states=text)
+                unet(latents, timestep, **inputs)
             seconds["forward"] = time.perf_counter() - t0
 
             sampler.enter("aggregation")
@@ -194,7 +242,7 @@ def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int |
 
             sampler.enter("clustering")
             t0 = time.perf_counter()
-            result = localize(attention, (lat, lat), eot_map, LocalizationConfig())
+            result = localize(attention, grid, eot_map, LocalizationConfig())
             seconds["clustering"] = time.perf_counter() - t0
             extra = {
                 "attention_shape": list(attention.shape),
@@ -221,8 +269,11 @@ def run_case(case: str, resolution: int, threads: int | None, chunk_bytes: int |
     return {
         "case": case,
         "description": CASES[case],
+        "model": model,
+        "dtype": dtype,
         "resolution": resolution,
-        "latent": [1, UNET_CONFIG["in_channels"], lat, lat],
+        "latent": [1, config["in_channels"], lat, lat],
+        "aggregation_grid": list(grid),
         "torch_threads": torch.get_num_threads(),
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "build_seconds": round(build_s, 2),
@@ -249,6 +300,7 @@ def chunk_kwargs(args: argparse.Namespace) -> dict:
 def spawn_case(case: str, args: argparse.Namespace) -> dict:
     """Run one case in a fresh interpreter; its JSON is the last line of its stdout."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--resolution", str(args.resolution)]
+    cmd += ["--model", args.model, "--dtype", args.dtype]
     if args.chunk_mib is not None:
         cmd += ["--chunk-mib", str(args.chunk_mib)]
     if args.threads is not None:
@@ -365,11 +417,22 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="sd", help="UNet shape: SD 2.1-base or SDXL-base"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side in pixels (default 512 for sd, 1024 for sdxl)",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads in each case (default: torch's)"
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}, _sdxl for sdxl)"
+    )
     parser.add_argument(
         "--chunk-mib",
         type=float,
@@ -378,6 +441,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = MODELS[args.model][1]
+    if args.out is None:
+        args.out = (
+            DEFAULT_OUT
+            if args.model == "sd"
+            else DEFAULT_OUT.with_name(f"localization_memory_{args.model}.json")
+        )
     if args.resolution <= 0 or args.resolution % 64:
         parser.error(
             f"--resolution must be a positive multiple of 64 (VAE 8 x UNet 8), got {args.resolution}"
@@ -386,7 +457,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.case is not None:
         print(
             json.dumps(
-                run_case(args.case, args.resolution, args.threads, chunk_kwargs(args).get("chunk_bytes"))
+                run_case(
+                    args.case,
+                    args.resolution,
+                    args.threads,
+                    chunk_kwargs(args).get("chunk_bytes"),
+                    model=args.model,
+                    dtype=args.dtype,
+                )
             ),
             flush=True,
         )
@@ -407,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch": metadata.version("torch"),
             "diffusers": metadata.version("diffusers"),
         },
-        "unet_config": UNET_CONFIG,
+        "model": args.model,
+        "dtype": args.dtype,
+        "unet_config": MODELS[args.model][0],
         "resolution": args.resolution,
         "threads_requested": args.threads,
         "mib": MIB,

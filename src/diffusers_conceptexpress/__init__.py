@@ -1,7 +1,7 @@
 """diffusers-conceptexpress: ConceptExpress (ECCV 2024) as a diffusers pipeline.
 
-Find the visual concepts of one image with a Stable Diffusion model, with no words, masks or concept count;
-``extract_images`` does it for many images, on one or several processes (accelerate).
+Find the visual concepts of one image with a Stable Diffusion (1.x, 2.x or XL) model, with no words, masks or
+concept count; ``extract_images`` does it for many images, on one or several processes (accelerate).
 """
 
 from .attention import AttentionRecorder, capture_attention
@@ -13,6 +13,7 @@ from .learning import LearnedConcepts, LearningConfig, learn_concepts
 from .localization import LocalizationConfig, LocalizationResult, localize
 from .outputs import ConceptExpressOutput, ConceptLocalization
 from .pipeline import ConceptExpressPipeline, community_pipeline_path
+from .pipeline_xl import ConceptExpressXLPipeline
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "BatchResult",
     "ConceptExpressOutput",
     "ConceptExpressPipeline",
+    "ConceptExpressXLPipeline",
     "ConceptLocalization",
     "ImageInputError",
     "ImageStatus",

@@ -5,9 +5,10 @@ original processors back on exit, also when an error is raised. Layers that are 
 their original processor (SDPA by default), so capture costs nothing where nothing is recorded.
 
 Self-attention is never stored layer by layer. Every recorded self-attention layer adds its head-averaged
-probabilities, computed in chunks of query rows, straight into ONE running (R^2 x R^2) sum on the largest
-attention grid R (the latent grid): the key axis is upsampled bilinearly, the query axis by nearest
-neighbour, and the layer is weighted (docs/design.md, 'Localization'). Rows are normalised at the end.
+probabilities, computed in chunks of query rows, straight into ONE running (R^2 x R^2) sum on the
+aggregation grid R (the latent grid for SD; the finest attention grid, half the latent, for SDXL): the key
+axis is resampled bilinearly, the query axis by nearest neighbour, and the layer is weighted
+(docs/design.md, 'Localization'). Rows are normalised at the end.
 
 Cross-attention is kept for chosen token positions only, head-averaged, per layer; with ``cross_with_grad``
 the maps keep their autograd graph (the concept-learning stage trains through them).
@@ -32,6 +33,7 @@ __all__ = [
     "grid_at_factor",
     "layer_grid",
     "nearest_factor",
+    "unet_attention_factors",
     "unet_cross_attention_factors",
 ]
 
@@ -86,6 +88,22 @@ def unet_cross_attention_factors(unet: torch.nn.Module) -> list[int]:
     return sorted(factors)
 
 
+def unet_attention_factors(unet: torch.nn.Module) -> list[int]:
+    """Downsampling factors of a ``UNet2DConditionModel``'s attention layers (down, mid and up blocks).
+
+    SD at 512 px: 1, 2, 4, 8 (attention from the 64x64 latent grid down); SDXL at 1024 px: 2, 4 (64x64 and
+    32x32 on the 128x128 latent: its first block has no attention).
+    """
+    n = len(unet.down_blocks)
+    factors = {2**i for i, blk in enumerate(unet.down_blocks) if getattr(blk, "attentions", None)}
+    factors |= {2 ** (n - 1 - j) for j, blk in enumerate(unet.up_blocks) if getattr(blk, "attentions", None)}
+    if getattr(unet.mid_block, "attentions", None):
+        factors.add(2 ** (n - 1))
+    if not factors:
+        raise ValueError("The UNet has no attention layers.")
+    return sorted(factors)
+
+
 def nearest_factor(factors: list[int], wanted: int) -> int:
     """The factor of ``factors`` closest to ``wanted`` on a log scale (the smaller one on ties)."""
     return min(factors, key=lambda f: (abs(math.log2(f) - math.log2(wanted)), f))
@@ -102,7 +120,7 @@ class AttentionRecorder:
     """Shared controller of the recording processors (a plain object, never an ``nn.Module``).
 
     Args:
-        latent_size: (h, w) of the UNet input latent; R = (h, w) is the self-attention aggregation grid.
+        latent_size: (h, w) of the UNet input latent (layer grids are derived from it).
         record_self: aggregate self-attention (attn1) of the layers selected by ``self_factors``.
         self_weighting: "reference" (the authors': weight r/R on the key-upsampled map, so a layer's
             effective weight grows like R/r), "uniform" (every layer the same effective weight) or
@@ -113,6 +131,9 @@ class AttentionRecorder:
         cross_factors: downsampling factors whose cross-attention is recorded; None = all.
         cross_with_grad: keep the autograd graph of recorded cross-attention maps.
         chunk_bytes: memory budget of one chunk of attention probabilities (all heads, float32).
+        grid: (h_R, w_R), the self-attention aggregation grid R; default ``latent_size``. SDXL has no attention
+            on its latent grid: its finest attention grid (half the latent) is used there
+            (docs/design.md, 'SDXL').
     """
 
     def __init__(
@@ -126,12 +147,14 @@ class AttentionRecorder:
         cross_factors: Sequence[int] | None = None,
         cross_with_grad: bool = False,
         chunk_bytes: int = 2 * 2**20,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         if self_weighting not in SELF_ATTENTION_WEIGHTINGS:
             raise ValueError(
                 f"Unknown self_weighting {self_weighting!r}; choose one of {SELF_ATTENTION_WEIGHTINGS}."
             )
         self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self.grid = self.latent_size if grid is None else (int(grid[0]), int(grid[1]))
         self.record_self = record_self
         self.self_weighting = self_weighting
         self.self_factors = None if self_factors is None else set(self_factors)
@@ -151,7 +174,8 @@ class AttentionRecorder:
 
     @property
     def num_pixels(self) -> int:
-        return self.latent_size[0] * self.latent_size[1]
+        """Pixels of the aggregation grid (rows of the self-attention)."""
+        return self.grid[0] * self.grid[1]
 
     def wants_layer(self, name: str) -> bool:
         """Whether a processor name could ever be recorded (decides which layers get a recording processor)."""
@@ -177,7 +201,7 @@ class AttentionRecorder:
 
     # ------------------------------------------------------------ self-attention
     def _layer_weight(self, grid: tuple[int, int]) -> float:
-        h, w = self.latent_size
+        h, w = self.grid
         ratio = grid[0] / h  # r / R
         area = (grid[0] * grid[1]) / (h * w)  # bilinear key upsampling multiplies row mass by 1 / area
         if self.self_weighting == "reference":
@@ -188,7 +212,7 @@ class AttentionRecorder:
 
     def _query_sources(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """For every query row of the R grid, the row of the layer grid it copies (nearest neighbour)."""
-        h, w = self.latent_size
+        h, w = self.grid
         ys = torch.div(torch.arange(h, device=device) * grid[0], h, rounding_mode="floor")
         xs = torch.div(torch.arange(w, device=device) * grid[1], w, rounding_mode="floor")
         return (ys[:, None] * grid[1] + xs[None, :]).reshape(-1)
@@ -204,12 +228,12 @@ class AttentionRecorder:
         """
         with torch.no_grad():
             b, q, _ = probs.shape
-            h, w = self.latent_size
+            h, w = self.grid
             n = h * w
             if self._self_sum is None:
                 self._self_sum = torch.zeros(b, n, n, dtype=torch.float32, device=probs.device)
             probs = probs.float()
-            if grid != self.latent_size:
+            if grid != self.grid:
                 probs = F.interpolate(
                     probs.reshape(b * q, 1, *grid), size=(h, w), mode="bilinear", align_corners=False
                 ).reshape(b, q, n)

@@ -41,9 +41,13 @@ def _default(config: type, name: str):
 
 
 def _load_pipeline(model: str, device: str | None, dtype: str):
+    """The pipeline class of the model's family (from its ``model_index.json``: SDXL or SD), loaded."""
     from .pipeline import ConceptExpressPipeline
+    from .pipeline_mixin import local_model_family
+    from .pipeline_xl import ConceptExpressXLPipeline
 
-    pipe = ConceptExpressPipeline.from_pretrained(model, dtype=DTYPES[dtype])
+    cls = ConceptExpressXLPipeline if local_model_family(model) == "sdxl" else ConceptExpressPipeline
+    pipe = cls.from_pretrained(model, dtype=DTYPES[dtype])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
@@ -151,7 +155,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
     )
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
-    print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
+    if pipe.family == "sd":
+        print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
+    else:  # SDXL: two standard calls, or one of ours
+        print(f'Use them: diffusers_conceptexpress.load_concepts(pipe, "{out}")')
     return 0
 
 
@@ -352,7 +359,7 @@ def evaluation_samples(
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:
-            pipe.unload_textual_inversion([index["all_concepts_token"], *tokens])
+            pipe.unload_concepts([index["all_concepts_token"], *tokens])  # from every tokenizer (SDXL: two)
     single = [read_samples(cache, f"concept_{c + 1}", samples) for c in range(k)]
     return single, (read_samples(cache, "joint", samples) if k > 1 else [])
 
@@ -418,7 +425,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers folder or model id of a Stable Diffusion model")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder or model id of a Stable Diffusion 1.x / 2.x or XL model (the pipeline class follows "
+        "its model_index.json)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,13 @@ Layout of a saved concept directory (K concepts, token prefix ``<p>``, default `
   with); ``overlay.png``: the image with the coloured masks and token names.
 
 Every safetensors header carries the token(s) and the base model as metadata.
+
+SDXL (two text encoders; ``concepts.json`` says ``"model_family": "sdxl"``): every file holds the two keys of
+the ecosystem's SDXL convention instead of the token, ``clip_l`` (text_encoder / tokenizer, D = 768) and
+``clip_g`` (text_encoder_2 / tokenizer_2, D = 1280): ``concepts.safetensors`` = ``{"clip_l": [K + 1, 768],
+"clip_g": [K + 1, 1280]}`` (row 0 the joint row, as for SD) and ``concept_<k>.safetensors`` = ``{"clip_l":
+[1, 768], "clip_g": [1, 1280]}`` (A1111 and ComfyUI read these keys and name the token after the file).
+diffusers loads them with two ``load_textual_inversion`` calls (see :func:`load_concepts`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
 
 __all__ = [
     "FORMAT_VERSION",
+    "SDXL_KEYS",
+    "concepts_family",
     "joint_embeddings",
     "load_concepts",
     "mask_filename",
@@ -44,6 +53,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: file keys of SDXL's two text encoders, in the pipeline's order (text_encoder, text_encoder_2)
+SDXL_KEYS = ("clip_l", "clip_g")
 
 
 def mask_filename(k: int) -> str:
@@ -62,7 +73,7 @@ def joint_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 
 def save_concepts(
     directory: str | os.PathLike,
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | dict[str, torch.Tensor],
     *,
     masks: Sequence[PIL.Image.Image],
     image: PIL.Image.Image | None = None,
@@ -80,7 +91,7 @@ def save_concepts(
 
     Args:
         directory: where to write; must not exist unless ``overwrite`` (an existing EMPTY directory is fine).
-        embeddings: (K, D) learned embeddings.
+        embeddings: (K, D) learned embeddings; for SDXL ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
         masks: K masks (PIL "L"/"1") at the original image size.
         image: the source image, saved as ``source.png`` and drawn in the overlay picture (optional).
         scores: K salience scores (e.g. EOT scores), stored in the index.
@@ -93,10 +104,20 @@ def save_concepts(
     from . import __version__
     from .visualize import overlay_masks
 
-    emb = embeddings.detach().float().cpu().contiguous()
-    if emb.ndim != 2 or emb.shape[0] < 1:
-        raise ValueError(f"embeddings must be (K, D) with K >= 1, got {tuple(emb.shape)}.")
+    by_key = embeddings if isinstance(embeddings, dict) else {None: embeddings}
+    if isinstance(embeddings, dict) and sorted(embeddings) != sorted(SDXL_KEYS):
+        raise ValueError(
+            f"SDXL embeddings must be a dict with the keys {SDXL_KEYS}, got {sorted(embeddings)}."
+        )
+    by_key = {key: e.detach().float().cpu().contiguous() for key, e in by_key.items()}
+    for e in by_key.values():
+        if e.ndim != 2 or e.shape[0] < 1:
+            raise ValueError(f"embeddings must be (K, D) with K >= 1, got {tuple(e.shape)}.")
+    if len({e.shape[0] for e in by_key.values()}) != 1:
+        raise ValueError("The text encoders' embeddings have different numbers of concepts.")
+    emb = next(iter(by_key.values()))
     k, dim = emb.shape
+    sdxl = isinstance(embeddings, dict)
     if len(masks) != k:
         raise ValueError(f"Got {len(masks)} masks for {k} embeddings.")
     tokens = concept_token_names(token_prefix, k)
@@ -107,16 +128,18 @@ def save_concepts(
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         # safetensors' save_file creates owner-only (0600) files; written as bytes, a file gets the
         # permissions of any ordinary write (docs/design.md, "Files")
+        joint = {key: joint_embeddings(e) for key, e in by_key.items()}
         (tmp / "concepts.safetensors").write_bytes(
             save(
-                {token_prefix: joint_embeddings(emb)},
+                joint if sdxl else {token_prefix: joint[None]},
                 metadata={**meta, "token": token_prefix, "tokens": json.dumps(tokens)},
             )
         )
         entries = []
         for i, token in enumerate(tokens):
             file = f"concept_{i + 1}.safetensors"
-            (tmp / file).write_bytes(save({token: emb[i : i + 1].clone()}, metadata={**meta, "token": token}))
+            rows = {key if sdxl else token: e[i : i + 1].clone() for key, e in by_key.items()}
+            (tmp / file).write_bytes(save(rows, metadata={**meta, "token": token}))
             mask_file = mask_filename(i + 1)
             masks[i].convert("L").save(tmp / mask_file)
             entry = {"token": token, "file": file, "mask": mask_file}
@@ -131,7 +154,8 @@ def save_concepts(
             "file": "concepts.safetensors",
             "source": "source.png" if image is not None else None,
             "base_model": str(base_model),
-            "embedding_dim": dim,
+            "model_family": "sdxl" if sdxl else "sd",
+            "embedding_dim": {key: int(e.shape[1]) for key, e in by_key.items()} if sdxl else dim,
             "parameters": parameters or {},
             "version": version or __version__,
             "format_version": FORMAT_VERSION,
@@ -151,18 +175,29 @@ def read_concepts_index(directory: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def read_concepts(directory: str | os.PathLike) -> tuple[str, torch.Tensor, list[str]]:
+def read_concepts(
+    directory: str | os.PathLike,
+) -> tuple[str, torch.Tensor | dict[str, torch.Tensor], list[str]]:
     """The concepts saved in ``directory``: ``(prefix, embeddings, tokens)``.
 
     ``prefix`` is the token of all concepts (``<ce>``), ``embeddings`` the (K, D) concept rows of
-    ``concepts.safetensors`` (without the mean row), ``tokens`` the K prompt tokens in order.
+    ``concepts.safetensors`` (without the mean row; for SDXL a dict ``{"clip_l": ..., "clip_g": ...}`` of
+    them), ``tokens`` the K prompt tokens in order.
     """
     from safetensors.torch import load_file
 
     index = read_concepts_index(directory)
     prefix = index["all_concepts_token"]
     state = load_file(str(Path(directory) / index["file"]))
-    return prefix, state[prefix][1:], [c["token"] for c in index["concepts"]]
+    tokens = [c["token"] for c in index["concepts"]]
+    if concepts_family(index) == "sdxl":
+        return prefix, {key: state[key][1:] for key in SDXL_KEYS}, tokens
+    return prefix, state[prefix][1:], tokens
+
+
+def concepts_family(index: dict) -> str:
+    """Model family ("sd" or "sdxl") of a parsed ``concepts.json`` (folders written before SDXL: "sd")."""
+    return index.get("model_family", "sd")
 
 
 def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
@@ -179,25 +214,37 @@ def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
 
 
 def load_concepts(pipe, directory: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Load saved concepts into ANY SD pipeline with ``load_textual_inversion`` (SD 1.x / 2.x).
+    """Load saved concepts into ANY stock SD (1.x / 2.x) or SDXL pipeline with ``load_textual_inversion``.
 
     ``directory`` is one concepts folder or a list of them (e.g. the folders of a many-images run, whose
     tokens are named after the images: ``load_concepts(pipe, ["out/dog", "out/cat"])``, then
-    "a photo of <dog>_1 next to <cat>_2"). One call of the stock loader on their ``concepts.safetensors``.
-    Returns the prompt tokens, folder by folder and concept by concept.
+    "a photo of <dog>_1 next to <cat>_2"). SD: one call of the stock loader on their ``concepts.safetensors``.
+    SDXL (a pipeline with ``text_encoder_2``): the two standard calls per folder, ``clip_l`` into
+    ``text_encoder`` / ``tokenizer`` and ``clip_g`` into ``text_encoder_2`` / ``tokenizer_2``, both under the
+    folder's token. Returns the prompt tokens, folder by folder and concept by concept.
 
     Raises:
-        ValueError: two folders use the same token, or a token is already loaded in ``pipe`` (nothing is
-            loaded then).
+        ValueError: two folders use the same token, a token is already loaded in ``pipe``, or the concepts
+            were learned on the other model family (nothing is loaded then).
     """
+    from safetensors.torch import load_file
+
     directories = [directory] if isinstance(directory, str | os.PathLike) else list(directory)
     if not directories:
         raise ValueError("No concepts folder given.")
-    files, tokens = [], []
+    pipe_family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    files, tokens, prefixes = [], [], []
     owner: dict[str, str] = {}
     vocab = pipe.tokenizer.get_vocab()
     for d in directories:
         index = read_concepts_index(d)
+        family = concepts_family(index)
+        if family != pipe_family:
+            names = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL"}
+            raise ValueError(
+                f"The concepts in {str(d)!r} were learned on an {names[family]} model; this is an "
+                f"{names[pipe_family]} pipeline. Extract them again with a model of this family."
+            )
         concept_tokens = [c["token"] for c in index["concepts"]]
         for token in [index["all_concepts_token"], *concept_tokens]:
             if token in owner:
@@ -212,6 +259,17 @@ def load_concepts(pipe, directory: str | os.PathLike | Sequence[str | os.PathLik
                 )
             owner[token] = str(d)
         files.append(str(Path(d) / index["file"]))
+        prefixes.append(index["all_concepts_token"])
         tokens += concept_tokens
-    pipe.load_textual_inversion(files if len(files) > 1 else files[0])
+    if pipe_family == "sd":
+        pipe.load_textual_inversion(files if len(files) > 1 else files[0])
+        return tokens
+    for file, prefix in zip(files, prefixes, strict=True):
+        state = load_file(file)
+        pipe.load_textual_inversion(
+            state["clip_l"], token=prefix, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token=prefix, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
     return tokens

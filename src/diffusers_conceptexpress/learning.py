@@ -26,7 +26,7 @@ Schedules:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,6 +41,7 @@ from .attention import (
     nearest_factor,
     unet_cross_attention_factors,
 )
+from .conditioning import SDConditioning, TextConditioning
 from .losses import diffusion_target, grid_cost, masked_diffusion_loss, sinkhorn_distance, supcon_loss
 from .tokens import TrainableTokens, base_vocabulary_size, default_init_ids
 
@@ -147,16 +148,17 @@ class LearnedConcepts:
     """Result of :func:`learn_concepts`.
 
     Attributes:
-        embeddings: (K, D) float32 learned embeddings, one per concept (CPU).
-        initial_embeddings: (K, D) the mean of each concept's initial split embeddings (the merge of the
-            untrained tokens), for comparison.
+        embeddings: (K, D) float32 learned embeddings, one per concept (CPU); for a conditioning with several
+            text encoders (SDXL) a dict of them by file key (``{"clip_l": (K, 768), "clip_g": (K, 1280)}``).
+        initial_embeddings: (K, D) (or the same dict) the mean of each concept's initial split embeddings (the
+            merge of the untrained tokens), for comparison.
         num_updates: optimiser steps taken.
         num_unet_samples: UNet sample-passes (one latent forward + backward each).
         history: per training step, a dict of mean losses ("loss", "diffusion", "attention", "contrastive").
     """
 
-    embeddings: torch.Tensor
-    initial_embeddings: torch.Tensor
+    embeddings: torch.Tensor | dict[str, torch.Tensor]
+    initial_embeddings: torch.Tensor | dict[str, torch.Tensor]
     num_updates: int
     num_unet_samples: int
     history: list[dict] = field(default_factory=list)
@@ -204,8 +206,10 @@ def _autocast(device: torch.device, mode: str):
 class _Trainer:
     """State of one learning run (kept small: the public entry point is :func:`learn_concepts`)."""
 
-    def __init__(self, text_encoder, unet, scheduler, latents, masks, features, config, tokens, generator):
-        self.text_encoder, self.unet, self.config, self.tokens = text_encoder, unet, config, tokens
+    def __init__(self, conditioning, unet, scheduler, latents, masks, features, config, tokens, generator):
+        self.conditioning, self.unet, self.config = conditioning, unet, config
+        self.token_sets: list[TrainableTokens] = tokens  # one per (tokenizer, text encoder) pair
+        self.tokens = tokens[0]
         self.generator = generator
         self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
         latents = latents.detach()
@@ -226,7 +230,8 @@ class _Trainer:
         """Diffusion + attention loss of a batch of prompts (one UNet call); mean over prompts."""
         cfg, tt = self.config, self.tokens
         texts = [cfg.prompt_template.format(cfg.joint_separator.join(n for _, n in p)) for p in prompts]
-        ids = tt.encode_ids(texts).to(self.device)
+        all_ids = [s.encode_ids(texts).to(self.device) for s in self.token_sets]
+        ids = all_ids[0]
         rows = {n: int(r) for n, r in zip(tt.names, tt.token_ids, strict=True)}
         positions = [[int((ids[b] == rows[n]).nonzero()[0]) for _, n in p] for b, p in enumerate(prompts)]
         record = sorted({pos for ps in positions for pos in ps})
@@ -244,9 +249,9 @@ class _Trainer:
             cross_with_grad=True,
         )
         with _autocast(self.device, cfg.mixed_precision):
-            context = self.text_encoder(ids)[0]
+            conditioning = self.conditioning.encode(all_ids, self.unet.dtype)
             with capture_attention(self.unet, recorder):
-                pred = self.unet(noisy, t, encoder_hidden_states=context.to(self.unet.dtype)).sample
+                pred = self.unet(noisy, t, **conditioning).sample
         target = diffusion_target(self.noise_scheduler, lat, noise, t)
         mask = torch.stack([self.masks[flip][[k for k, _ in p]].amax(0) for p in prompts])[:, None]
         diffusion = masked_diffusion_loss(pred.float(), target.float(), mask)
@@ -269,15 +274,19 @@ class _Trainer:
         return loss, {"diffusion": float(diffusion.detach()), "attention": float(attention.detach())}
 
     def contrastive_loss(self, split_names: list[list[str]]) -> torch.Tensor:
+        """SupCon on the split tokens' raw embeddings; with several text encoders, on each token's rows of all
+        of them concatenated (one feature vector per token)."""
         flat = [n for names in split_names for n in names]
         labels = torch.tensor([k for k, names in enumerate(split_names) for _ in names], device=self.device)
-        return supcon_loss(self.tokens.rows(flat), labels, self.config.contrastive_temperature)
+        rows = [s.rows(flat) for s in self.token_sets]
+        features = rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].device) for r in rows], dim=-1)
+        return supcon_loss(features, labels, self.config.contrastive_temperature)
 
 
 def learn_concepts(
     *,
-    tokenizer,
-    text_encoder: torch.nn.Module,
+    tokenizer=None,
+    text_encoder: torch.nn.Module | None = None,
     unet: torch.nn.Module,
     scheduler,
     latents: torch.Tensor,
@@ -287,6 +296,7 @@ def learn_concepts(
     generator: torch.Generator | None = None,
     progress: Callable[[int], object] | None = None,
     callback: Callable[[int, int, dict], None] | None = None,
+    conditioning: TextConditioning | None = None,
 ) -> LearnedConcepts:
     """Learn one embedding per concept.
 
@@ -301,10 +311,17 @@ def learn_concepts(
         generator: seeds noise, timesteps and flips: same seed, same embeddings.
         progress: called with the number of finished training steps' increment (e.g. a tqdm ``update``).
         callback: ``callback(step, num_train_steps, logs)`` after every training step.
+        conditioning: how prompts become UNet inputs (:mod:`~diffusers_conceptexpress.conditioning`); default
+            ``SDConditioning(tokenizer, text_encoder)``. With several text encoders (SDXL) each concept is one
+            token in EVERY tokenizer, its rows trained together.
     Returns:
         :class:`LearnedConcepts`.
     """
     config = config or LearningConfig()
+    if conditioning is None:
+        if tokenizer is None or text_encoder is None:
+            raise TypeError("learn_concepts needs tokenizer and text_encoder, or a conditioning.")
+        conditioning = SDConditioning(tokenizer, text_encoder)
     k = masks.shape[0]
     if k < 1:
         raise ValueError("Concept learning needs at least one mask.")
@@ -319,25 +336,32 @@ def learn_concepts(
         )
     split_names = _split_names(k, config.tokens_per_concept)
     flat_names = [n for names in split_names for n in names]
-    # rows of the original vocabulary: tokens loaded earlier (textual inversion) never shift them
-    vocab = base_vocabulary_size(tokenizer, text_encoder)
-    init_ids = default_init_ids(vocab, len(flat_names), config.init_offset)
+    pairs = list(zip(conditioning.tokenizers, conditioning.text_encoders, strict=True))
     updates, steps = _plan(config, k)
-    requires_grad = {
-        n: p.requires_grad for n, p in [*text_encoder.named_parameters(), *unet.named_parameters()]
-    }
-    text_encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    frozen = [*conditioning.text_encoders, unet]
+    requires_grad = [{n: p.requires_grad for n, p in m.named_parameters()} for m in frozen]
+    for module in frozen:
+        module.requires_grad_(False)
     history: list[dict] = []
     samples = num_updates = 0
     try:
-        with TrainableTokens(tokenizer, text_encoder, flat_names, init_ids) as tokens:
-            initial = tokens.rows().detach().reshape(k, config.tokens_per_concept, -1).mean(1).float().cpu()
+        with ExitStack() as stack:
+            token_sets = []
+            for tok, encoder in pairs:
+                # rows of the original vocabulary: tokens loaded earlier (textual inversion) never shift them
+                init_ids = default_init_ids(
+                    base_vocabulary_size(tok, encoder), len(flat_names), config.init_offset
+                )
+                token_sets.append(stack.enter_context(TrainableTokens(tok, encoder, flat_names, init_ids)))
+            initial = [
+                s.rows().detach().reshape(k, config.tokens_per_concept, -1).mean(1).float().cpu()
+                for s in token_sets
+            ]
             trainer = _Trainer(
-                text_encoder, unet, scheduler, latents, masks, features, config, tokens, generator
+                conditioning, unet, scheduler, latents, masks, features, config, token_sets, generator
             )
             optimizer = torch.optim.AdamW(
-                [tokens.weight],
+                [s.weight for s in token_sets],
                 lr=config.learning_rate,
                 betas=config.adam_betas,
                 weight_decay=config.weight_decay,
@@ -349,7 +373,7 @@ def learn_concepts(
                 first_of_step = u == 0 or steps[u - 1] != step
                 if first_of_step:
                     if step >= config.split_steps and not merged:
-                        _merge(tokens, split_names)
+                        _merge(token_sets, split_names)
                         merged = True
                     flip = int(float(torch.rand(1, generator=generator)) < config.flip_probability)
                     logs = {"loss": 0.0, "diffusion": 0.0, "attention": 0.0, "contrastive": 0.0, "prompts": 0}
@@ -365,22 +389,35 @@ def learn_concepts(
                     if callback is not None:
                         callback(step, config.num_train_steps, entry)
             if not merged:
-                _merge(tokens, split_names)
-            learned = (
-                torch.stack([tokens.rows([names[0]])[0] for names in split_names]).detach().float().cpu()
-            )
+                _merge(token_sets, split_names)
+            learned = [
+                torch.stack([s.rows([names[0]])[0] for names in split_names]).detach().float().cpu()
+                for s in token_sets
+            ]
     finally:
-        for name, param in [*text_encoder.named_parameters(), *unet.named_parameters()]:
-            param.requires_grad_(requires_grad.get(name, False))
-    return LearnedConcepts(learned, initial, num_updates, samples, history)
+        for module, saved in zip(frozen, requires_grad, strict=True):
+            for name, param in module.named_parameters():
+                param.requires_grad_(saved.get(name, False))
+    return LearnedConcepts(
+        _by_key(conditioning, learned), _by_key(conditioning, initial), num_updates, samples, history
+    )
 
 
-def _merge(tokens: TrainableTokens, split_names: list[list[str]]) -> None:
-    """Split-and-merge: each concept's first split token takes the mean of its split tokens."""
+def _by_key(conditioning: TextConditioning, values: list[torch.Tensor]):
+    """One tensor per text encoder -> the tensor (one encoder) or a dict by file key (several)."""
+    if conditioning.keys is None:
+        return values[0]
+    return dict(zip(conditioning.keys, values, strict=True))
+
+
+def _merge(token_sets: list[TrainableTokens], split_names: list[list[str]]) -> None:
+    """Split-and-merge: each concept's first split token takes the mean of its split tokens (in every
+    text encoder)."""
     with torch.no_grad():
-        for names in split_names:
-            mean = tokens.rows(names).mean(0)
-            tokens.weight[tokens.token_ids[tokens.names.index(names[0])]] = mean
+        for tokens in token_sets:
+            for names in split_names:
+                mean = tokens.rows(names).mean(0)
+                tokens.weight[tokens.token_ids[tokens.names.index(names[0])]] = mean
 
 
 def _update(trainer: _Trainer, optimizer, prompts, flip, split_names, merged, logs) -> int:
@@ -403,7 +440,8 @@ def _update(trainer: _Trainer, optimizer, prompts, flip, split_names, merged, lo
         total += cfg.contrastive_weight * float(contrastive.detach()) * len(prompts)
     logs["loss"] += total
     logs["prompts"] += len(prompts)
-    torch.nn.utils.clip_grad_norm_([trainer.tokens.weight], cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_([s.weight for s in trainer.token_sets], cfg.max_grad_norm)
     optimizer.step()
-    trainer.tokens.restore_original_rows()
+    for tokens in trainer.token_sets:
+        tokens.restore_original_rows()
     return len(prompts)

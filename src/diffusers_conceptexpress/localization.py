@@ -48,7 +48,7 @@ class LocalizationConfig:
         method: "conceptexpress", "finch" or "kmeans" (see the module docstring).
         num_concepts: number of concepts K, required by (and only used by) "kmeans".
         resolution: side of the model input in pixels (default: the UNet's ``sample_size`` x the VAE factor,
-            512 for SD 2.1-base).
+            512 for SD 2.1-base, 1024 for SDXL).
         resize_policy: "squash" (authors: resize to resolution x resolution, aspect ratio not kept) or
             "keep_aspect" (same area, aspect ratio kept, sides rounded to what the UNet accepts).
         timestep: UNet timestep of the single localization pass on the clean latent (authors: 0).
@@ -58,8 +58,8 @@ class LocalizationConfig:
         self_attention_factors: downsampling factors (1 = latent grid, 2, 4, 8) of the self-attention layers
             to aggregate; None = all (authors).
         eot_factor: downsampling factor of the cross-attention layers whose [EOT] map is used (authors: 4,
-            the 16x16 layers of SD at 512 px); the nearest recorded factor is used when the UNet has no
-            cross-attention there (tiny models).
+            the 16x16 layers of SD at 512 px; the 32x32 layers of SDXL at 1024 px, the same image fraction);
+            the nearest recorded factor is used when the UNet has no cross-attention there (tiny models).
         distance: FINCH distance between attention rows ("symmetric_kl", authors).
         min_clusters: stopping point: the last FINCH level with at least this many clusters (authors: 10).
         eot_threshold: keep clusters whose EOT score (mean inside / mean over image) is above this (1.0).

@@ -95,3 +95,18 @@ def masks_to_latent_grid(
             raise ValueError(f"Mask {i} is empty.")
         out[i].view(-1)[int(pooled[i].argmax())] = True
     return out
+
+
+def on_grid(
+    masks: torch.Tensor, features: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concept masks (K, h, w) bool and soft maps (K, h, w) moved to another grid ``size`` (nearest neighbour;
+    each map renormalised to sum 1). Unchanged (the same tensors) when already on it.
+
+    SDXL localizes on its finest attention grid, half the latent grid; learning needs the latent grid.
+    """
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks, features
+    up_masks = F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
+    up = F.interpolate(features[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return up_masks, up / up.sum((1, 2), keepdim=True).clamp_min(1e-30)

@@ -21,11 +21,12 @@ class ConceptLocalization(BaseOutput):
     """Result of :meth:`ConceptExpressPipeline.localize_concepts`.
 
     Concepts are ordered by salience (EOT score, descending). ``K`` is the number of concepts, ``h x w``
-    the latent grid (64 x 64 for SD at 512 px).
+    the localization grid: the latent grid for SD (64 x 64 at 512 px), the finest attention grid for SDXL
+    (64 x 64 at 1024 px, half the latent; ``options["grid"]``).
 
     Attributes:
         masks: K binary masks (PIL mode "L", 0 or 255) at the ORIGINAL image size.
-        latent_masks: (K, h, w) bool masks on the latent grid; disjoint.
+        latent_masks: (K, h, w) bool masks on the localization grid; disjoint.
         features: (K, h, w) float soft feature maps (mean self-attention of the concept's pixels), each
             summing to 1.
         eot_scores: (K,) mean [EOT] attention inside the concept / mean over the image (> 1: salient).
@@ -66,7 +67,7 @@ class ConceptExpressOutput(BaseOutput):
     Attributes:
         tokens: K prompt tokens, one per concept, in the order of ``localization`` (e.g. ``["<ce>_1", ...]``);
             after :meth:`save` and ``load_textual_inversion("<dir>/concepts.safetensors")`` each is usable alone.
-        embeddings: (K, D) float32 learned embeddings (CPU).
+        embeddings: (K, D) float32 learned embeddings (CPU); SDXL: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
         localization: the concept masks (from :meth:`localize_concepts`, or built from the user's masks).
         learning: counts (optimiser updates, UNet samples) and the loss history.
         token_prefix: the token of all concepts together (``<ce>``).
@@ -76,7 +77,7 @@ class ConceptExpressOutput(BaseOutput):
     """
 
     tokens: list[str]
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | dict[str, torch.Tensor]
     localization: ConceptLocalization
     learning: LearnedConcepts | None = None
     token_prefix: str = DEFAULT_TOKEN_PREFIX
@@ -87,7 +88,7 @@ class ConceptExpressOutput(BaseOutput):
     @property
     def num_concepts(self) -> int:
         """Number of concepts K."""
-        return int(self.embeddings.shape[0])
+        return len(self.tokens)
 
     def save(self, directory: str, overwrite: bool = False) -> str:
         """Write the concept files (see :mod:`diffusers_conceptexpress.export`) atomically; returns the path."""

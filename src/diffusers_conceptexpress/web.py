@@ -148,6 +148,7 @@ class WebDemo:
         )
         self.toy = toy
         self.root = Path(tempfile.mkdtemp(prefix="conceptexpress-web-", dir=temp_dir))
+        self._gradio_dirs_made: list[Path] = []
         self._previous_gradio_dir = os.environ.get("GRADIO_TEMP_DIR")
         try:
             self.sessions = SessionFolders(self.root / "sessions", ttl=session_ttl)
@@ -173,6 +174,9 @@ class WebDemo:
         if "run_history" in inspect.signature(self.blocks.launch).parameters:  # Gradio 6.x's later releases
             options["run_history"] = False  # would keep every run in the browser (or a Hub bucket)
         options.update(kwargs)
+        # Gradio >= 6.31 makes <its import-time temp dir>/vibe_edit_history when a server starts, whatever
+        # GRADIO_TEMP_DIR says later: note what did not exist, so that close() removes it again when empty.
+        self._gradio_dirs_made += [d for d in _gradio_default_dirs() if not d.exists()]
         self.blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **options)
         return self.blocks.local_url
 
@@ -185,6 +189,9 @@ class WebDemo:
 
     def _remove_root(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        for folder in self._gradio_dirs_made:  # innermost first; only if empty (another app may use them)
+            with suppress(OSError):
+                folder.rmdir()
         if os.environ.get("GRADIO_TEMP_DIR") == str(self.root / "gradio"):
             if self._previous_gradio_dir is None:
                 os.environ.pop("GRADIO_TEMP_DIR", None)
@@ -453,6 +460,16 @@ class WebDemo:
             blocks.unload(on_unload)
         blocks.queue(default_concurrency_limit=8)
         return blocks
+
+
+def _gradio_default_dirs() -> list[Path]:
+    """Folders a Gradio server may create under Gradio's temp dir as read when Gradio was imported, innermost
+    first."""
+    try:
+        from gradio.route_utils import DEFAULT_TEMP_DIR
+    except ImportError:  # another Gradio layout: nothing known to clean
+        return []
+    return [Path(DEFAULT_TEMP_DIR) / "vibe_edit_history", Path(DEFAULT_TEMP_DIR)]
 
 
 def serve(

@@ -16,10 +16,11 @@ from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .attention import AttentionRecorder, capture_attention, nearest_factor
-from .export import joint_embeddings, read_concepts
+from .export import joint_embeddings, read_concepts, read_lora_settings
 from .image_io import ImageInput, ResizeRecord, load_and_prepare_image, mask_to_original, prepare_image
 from .learning import LearningConfig, learn_concepts
 from .localization import LocalizationConfig, find_eot_index, localize
+from .lora import ConceptLora, load_concept_lora, lora_adapter_name, train_lora, unload_concept_lora
 from .masks import masks_to_latent_grid
 from .outputs import ConceptExpressOutput, ConceptLocalization
 from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
@@ -447,10 +448,12 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
                 :func:`~diffusers_conceptexpress.masks.as_bool_mask` reads it), e.g. from SAM or drawn by hand:
                 localization is skipped and these masks are used.
             token_prefix: lower-case prefix of the tokens: concepts become ``<prefix>_1 ... <prefix>_K``.
-            load: load the learned tokens into this pipeline, so ``pipe("a photo of <ce>_1")`` works at once
-                (tokens of an earlier extraction with the same prefix are replaced).
+            load: load the learned tokens (and the LoRA, with ``lora_rank``) into this pipeline, so
+                ``pipe("a photo of <ce>_1")`` works at once (tokens and LoRA of an earlier extraction with the
+                same prefix are replaced; that LoRA is removed before the extraction runs).
             **options: fields of :class:`~diffusers_conceptexpress.LocalizationConfig` and of
-                :class:`~diffusers_conceptexpress.LearningConfig`.
+                :class:`~diffusers_conceptexpress.LearningConfig`, e.g. ``lora_rank=4`` for the LoRA phase
+                (docs/design.md, 'LoRA phase'; off by default).
 
         Returns:
             :class:`~diffusers_conceptexpress.ConceptExpressOutput`; ``.save(directory)`` writes the files.
@@ -459,6 +462,8 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
             {**options, "num_train_steps": num_train_steps, "schedule": schedule}
         )
         concept_token_names(token_prefix, 1)  # raises early on an unusable prefix
+        if load:  # the LoRA this extraction replaces takes no part in it
+            unload_concept_lora(self, lora_adapter_name(token_prefix))
         resolution = loc_config.resolution or self.default_resolution
         self._check_resolution(resolution)
         source, pixels, record = load_and_prepare_image(  # the input is decoded once
@@ -497,7 +502,8 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         # the text encoder and the UNet run at every step and the text encoder's embedding is swapped for a
         # trainable one: no offloading hooks move them during training (back on after)
         resident = self._offloading_suspended("text_encoder", "unet")
-        with resident, self.progress_bar(total=learn_config.num_train_steps) as bar:
+        lora_steps = learn_config.lora_steps if learn_config.lora_rank is not None else 0
+        with resident, self.progress_bar(total=learn_config.num_train_steps + lora_steps) as bar:
             learned = learn_concepts(
                 tokenizer=self.tokenizer,
                 text_encoder=self.text_encoder,
@@ -511,6 +517,22 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
                 progress=bar.update,
                 callback=callback,
             )
+            lora = None
+            if learn_config.lora_rank is not None:  # the identity boost (lora.py)
+                learned, lora = train_lora(
+                    tokenizer=self.tokenizer,
+                    text_encoder=self.text_encoder,
+                    unet=self.unet,
+                    scheduler=self.scheduler,
+                    latents=latents,
+                    masks=localization.latent_masks.to(device),
+                    features=localization.features.to(device),
+                    learned=learned,
+                    config=learn_config,
+                    generator=generator,
+                    progress=bar.update,
+                    callback=callback,
+                )
         tokens = concept_token_names(token_prefix, learned.embeddings.shape[0])
         base_model = str(getattr(self.config, "_name_or_path", "") or "")
         output = ConceptExpressOutput(
@@ -522,23 +544,44 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
             base_model=base_model,
             parameters={"localization": localization.options, "learning": learn_config.to_dict()},
             image=source,
+            lora=lora,
         )
         if load:
             self.load_concepts(output)
         return output
 
     def load_concepts(self, concepts: ConceptExpressOutput | str) -> list[str]:
-        """Load concepts (an :class:`ConceptExpressOutput` or a saved directory) into this pipeline.
+        """Load concepts (an :class:`ConceptExpressOutput` or a saved directory) into this pipeline: the tokens
+        and, when the concepts have one, their LoRA (as adapter ``lora_adapter_name(prefix)``, active together
+        with the adapters active before).
 
-        Tokens with the same prefix that are already loaded are replaced. Returns the prompt tokens.
+        Tokens (and a LoRA) with the same prefix that are already loaded are replaced. Returns the prompt tokens.
         """
+        lora: ConceptLora | str | None
         if isinstance(concepts, ConceptExpressOutput):
             prefix, emb, tokens = concepts.token_prefix, concepts.embeddings, list(concepts.tokens)
+            lora = concepts.lora
         else:
             prefix, emb, tokens = read_concepts(concepts)
+            lora = str(concepts) if read_lora_settings(concepts) is not None else None
         existing = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
         with self._offloading_suspended():  # diffusers' loader would re-enable offloading on the wrong device
             if existing:
                 self.unload_textual_inversion(existing)
             self.load_textual_inversion({prefix: joint_embeddings(emb).to(self.text_encoder.dtype)})
+            unload_concept_lora(self, lora_adapter_name(prefix))
+            if lora is not None:
+                load_concept_lora(self, lora, lora_adapter_name(prefix))
         return tokens
+
+    def unload_concepts(self, concepts: ConceptExpressOutput | str) -> None:
+        """Remove what :meth:`load_concepts` loaded for these concepts (their tokens and LoRA adapter)."""
+        if isinstance(concepts, ConceptExpressOutput):
+            prefix = concepts.token_prefix
+        else:
+            prefix = read_concepts(concepts)[0]
+        loaded = [t for t in self.tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
+        with self._offloading_suspended():
+            if loaded:
+                self.unload_textual_inversion(loaded)
+            unload_concept_lora(self, lora_adapter_name(prefix))

@@ -1,6 +1,7 @@
 """The ``conceptexpress`` command line.
 
     conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
+    conceptexpress extract IMAGE --model PATH_OR_ID --out DIR --lora-rank 4        # + the LoRA phase (lora.py)
     conceptexpress extract IMAGE [IMAGE ...] (files, folders, globs) --model PATH_OR_ID --out DIR   # DIR/<name>/
     torchrun --nproc_per_node N -m diffusers_conceptexpress extract ...        # the images split between processes
     conceptexpress generate --concepts DIR --model PATH_OR_ID --prompt "a photo of <ce>_1 in the snow"
@@ -118,6 +119,19 @@ def is_many_images(images: list[str], many: bool = False) -> bool:
     return path.is_dir() or (not path.is_file() and _has_magic(images[0]))
 
 
+def _lora_options(args: argparse.Namespace) -> dict:
+    """The LoRA phase's options of ``extract`` (none without ``--lora-rank``: runs keep their earlier keys)."""
+    if args.lora_rank is None:
+        return {}
+    options = {"lora_rank": args.lora_rank}
+    if args.lora_alpha is not None:
+        options["lora_alpha"] = args.lora_alpha
+    if args.lora_steps is not None:
+        options["lora_steps"] = args.lora_steps
+    LearningConfig(**options)  # validate before loading any model
+    return options
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     if is_many_images(args.image, args.many):
         return _extract_many(args)
@@ -128,6 +142,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     image = args.image[0]
     load_image(image)  # validate before loading any model
+    lora = _lora_options(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "One image cannot be split between processes; run it on one process, or pass --many to write "
@@ -149,9 +164,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
         num_train_steps=args.steps,
         schedule=args.schedule,
         mixed_precision=args.mixed_precision,
+        **lora,
     )
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
     print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
+    if result.lora is not None:
+        print(f'and their LoRA: pipe.load_lora_weights("{out}")')
     return 0
 
 
@@ -168,6 +186,7 @@ def _extract_many(args: argparse.Namespace) -> int:
         )
     find_images(args.image)  # validate before loading any model
     LearningConfig(num_train_steps=args.steps, schedule=args.schedule, mixed_precision=args.mixed_precision)
+    lora = _lora_options(args)
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
     if state.num_processes > 1 and args.device not in (None, "cpu", "cuda"):
@@ -192,6 +211,7 @@ def _extract_many(args: argparse.Namespace) -> int:
         num_train_steps=args.steps,
         schedule=args.schedule,
         mixed_precision=args.mixed_precision,
+        **lora,
     )
     if state.is_main_process:
         resumed = sum(s.resumed for s in result.images)
@@ -352,7 +372,7 @@ def evaluation_samples(
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:
-            pipe.unload_textual_inversion([index["all_concepts_token"], *tokens])
+            pipe.unload_concepts(directory)  # its tokens and LoRA
     single = [read_samples(cache, f"concept_{c + 1}", samples) for c in range(k)]
     return single, (read_samples(cache, "joint", samples) if k > 1 else [])
 
@@ -456,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision",
         default=_default(LearningConfig, "mixed_precision"),
         choices=list(MIXED_PRECISION),
+    )
+    ext.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="add the LoRA phase with an adapter of this rank (e.g. 4; default: none, tokens alone)",
+    )
+    ext.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha (default: the rank)")
+    ext.add_argument(
+        "--lora-steps",
+        type=int,
+        default=None,
+        help=f"steps of the LoRA phase (default {_default(LearningConfig, 'lora_steps')})",
     )
     ext.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grid")
     ext.add_argument(

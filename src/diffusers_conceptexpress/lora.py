@@ -62,12 +62,15 @@ class ConceptLora:
         rank: LoRA rank r.
         alpha: ``lora_alpha`` (the adapter's output is scaled by ``alpha / rank``).
         target_modules: the wrapped projections.
+        token_embeddings: (K, D) the embeddings the LoRA phase started from (the token phase's result: what the
+            extraction without ``lora_rank`` gives), kept for comparison; None when not known (not saved).
     """
 
     state_dict: dict[str, torch.Tensor]
     rank: int
     alpha: float
     target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    token_embeddings: torch.Tensor | None = None
 
     def peft_config(self):
         """The peft ``LoraConfig`` of the adapter."""
@@ -182,7 +185,9 @@ def train_lora(
     if masks.shape[0] != k:
         raise ValueError(f"Got {masks.shape[0]} masks for {k} learned concepts.")
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
-    lora = ConceptLora({}, config.lora_rank, alpha)
+    lora = ConceptLora(
+        {}, config.lora_rank, alpha, token_embeddings=learned.embeddings.detach().float().cpu()
+    )
     names = [f"<cxlora{i}>" for i in range(k)]
     requires_grad = {
         n: p.requires_grad for n, p in [*text_encoder.named_parameters(), *unet.named_parameters()]

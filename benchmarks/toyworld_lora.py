@@ -200,7 +200,7 @@ def run_scene(pipe, seed: int, n: int, args, work: Path) -> dict:
     """One extraction with the LoRA phase (its token phase is the extraction without it), both variants' single
     reads, the token phase's and the whole extraction's seconds, and the editability reads; cached."""
     path = work / run_key(args) / f"{seed}.json"
-    if path.is_file():
+    if path.is_file() and (json.loads(path.read_text())["plain"] is not None or not args.editability):
         return json.loads(path.read_text())
     scene = render_scene(seed, num_objects=n, **toyworld.world_options(args))
     marks = {}
@@ -231,8 +231,8 @@ def run_scene(pipe, seed: int, n: int, args, work: Path) -> dict:
     pipe.load_concepts(out)
     try:
         lora_rows = read_singles(singles(pipe, out.tokens, args), targets, scene)
-        plain = read_plain(pipe, args)
-        composed = read_compositions(pipe, out.tokens, scene, seed, args)
+        plain = read_plain(pipe, args) if args.editability else None
+        composed = read_compositions(pipe, out.tokens, scene, seed, args) if args.editability else None
     finally:
         pipe.unload_concepts(out)
     if args.keep:
@@ -289,6 +289,12 @@ def main() -> None:
     p.add_argument(
         "--keep", action="store_true", help="also save each scene's concepts folder (with its LoRA)"
     )
+    p.add_argument(
+        "--no-editability",
+        dest="editability",
+        action="store_false",
+        help="skip the plain and composition prompts (identity and cost only; e.g. the CPU cost measurement)",
+    )
     p.add_argument("--work", default=".benchmark-runs/toyworld_lora", help="results per scene (not in git)")
     p.add_argument("--out", default=None, help="summary JSON (default: none)")
     toyworld.add_world_arguments(p)
@@ -300,7 +306,10 @@ def main() -> None:
     if not args.summarize_only:
         pipe = ConceptExpressPipeline.from_pretrained(model).to(args.device)
         pipe.set_progress_bar_config(disable=True)
-        if not args.claim or toyworld.claim(work / "claims" / f"base_plain_{toyworld.generation_key(args)}"):
+        claimed = not args.claim or toyworld.claim(
+            work / "claims" / f"base_plain_{toyworld.generation_key(args)}"
+        )
+        if args.editability and claimed:
             base_plain(pipe, args, work)
         for seed, n in items:
             if args.claim and not toyworld.claim(work / "claims" / run_key(args) / str(seed)):
@@ -326,8 +335,8 @@ def summarize(items, args, work: Path) -> dict:
     ]
     base = work / f"base_plain_{toyworld.generation_key(args)}.json"
     base = json.loads(base.read_text()) if base.is_file() else None
-    plain = [r["plain"] for r in rows]
-    comp = [r["composition"] for r in rows]
+    plain = [r["plain"] for r in rows if r["plain"] is not None]
+    comp = [r["composition"] for r in rows if r["composition"] is not None]
     return {
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/toyworld_lora.py " + " ".join(sys.argv[1:]),
@@ -336,9 +345,14 @@ def summarize(items, args, work: Path) -> dict:
         "tokens_alone": share([c for r in rows for c in r["tokens_alone"]]),
         "with_lora": share([c for r in rows for c in r["with_lora"]]),
         "generations": sum(c["images"] for r in rows for c in r["with_lora"]),
-        "plain_with_lora": sum(x["right"] for x in plain) / max(sum(x["images"] for x in plain), 1),
+        "editability_scenes": len(plain),
+        "plain_with_lora": sum(x["right"] for x in plain) / sum(x["images"] for x in plain)
+        if plain
+        else None,
         "plain_base": base["right"] / base["images"] if base else None,
-        "composition_named_object": sum(x["found"] for x in comp) / max(sum(x["images"] for x in comp), 1),
+        "composition_named_object": sum(x["found"] for x in comp) / sum(x["images"] for x in comp)
+        if comp
+        else None,
         "seconds": float(np.mean([r["seconds"] for r in rows])) if rows else None,
         "cost_ratio": float(np.mean([r["seconds"] / r["seconds_token_phase"] for r in rows]))
         if rows

@@ -157,14 +157,20 @@ def test_same_seed_same_lora(components_factory, image):
     assert all(torch.equal(v, runs[1].lora.state_dict[k]) for k, v in runs[0].lora.state_dict.items())
 
 
-def test_cli_extract_with_lora_and_generate_picks_it_up(components_factory, tmp_path, capsys):
+def test_cli_extract_with_lora_and_generate_picks_it_up(components_factory, tmp_path, capsys, monkeypatch):
+    from diffusers_conceptexpress import cli
+
+    flags = cli._lora_options
+    monkeypatch.setattr(
+        cli, "_lora_options", lambda args: {**flags(args), "lora_steps": 2}
+    )  # seconds, not minutes
     model = tmp_path / "model"
     ConceptExpressPipeline(**components_factory("sd2")).save_pretrained(model)
     image = tmp_path / "scene.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "concepts"
     args = ["extract", str(image), "--model", str(model), "--out", str(out), "--steps", "2", "--no-samples"]
-    assert main([*args, "--lora-rank", "2", "--lora-alpha", "3", "--lora-steps", "2"]) == 0
+    assert main([*args, "--lora-rank", "2", "--lora-alpha", "3"]) == 0
     assert (out / LORA_WEIGHT_NAME).is_file()
     assert json.loads((out / "concepts.json").read_text())["lora"]["alpha"] == 3
     assert "load_lora_weights" in capsys.readouterr().out

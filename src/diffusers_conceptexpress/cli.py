@@ -121,13 +121,9 @@ def is_many_images(images: list[str], many: bool = False) -> bool:
 
 def _lora_options(args: argparse.Namespace) -> dict:
     """The LoRA phase's options of ``extract`` (none without ``--lora-rank``: runs keep their earlier keys)."""
-    if args.lora_rank is None:
-        return {}
-    options = {"lora_rank": args.lora_rank}
-    if args.lora_alpha is not None:
-        options["lora_alpha"] = args.lora_alpha
-    if args.lora_steps is not None:
-        options["lora_steps"] = args.lora_steps
+    options = {
+        k: v for k, v in (("lora_rank", args.lora_rank), ("lora_alpha", args.lora_alpha)) if v is not None
+    }
     LearningConfig(**options)  # validate before loading any model
     return options
 
@@ -477,19 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default(LearningConfig, "mixed_precision"),
         choices=list(MIXED_PRECISION),
     )
-    ext.add_argument(
-        "--lora-rank",
-        type=int,
-        default=None,
-        help="add the LoRA phase with an adapter of this rank (e.g. 4; default: none, tokens alone)",
-    )
+    ext.add_argument("--lora-rank", type=int, default=None, help="add the LoRA phase at this rank (e.g. 4)")
     ext.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha (default: the rank)")
-    ext.add_argument(
-        "--lora-steps",
-        type=int,
-        default=None,
-        help=f"steps of the LoRA phase (default {_default(LearningConfig, 'lora_steps')})",
-    )
     ext.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grid")
     ext.add_argument(
         "--inference-steps", type=int, default=INFERENCE_STEPS, help="sampling steps of the sample grid"

@@ -504,35 +504,23 @@ class ConceptExpressPipeline(StableDiffusionPipeline):
         resident = self._offloading_suspended("text_encoder", "unet")
         lora_steps = learn_config.lora_steps if learn_config.lora_rank is not None else 0
         with resident, self.progress_bar(total=learn_config.num_train_steps + lora_steps) as bar:
-            learned = learn_concepts(
-                tokenizer=self.tokenizer,
-                text_encoder=self.text_encoder,
-                unet=self.unet,
-                scheduler=self.scheduler,
-                latents=latents,
-                masks=localization.latent_masks.to(device),
-                features=localization.features.to(device),
-                config=learn_config,
-                generator=generator,
-                progress=bar.update,
-                callback=callback,
-            )
+            inputs = {
+                "tokenizer": self.tokenizer,
+                "text_encoder": self.text_encoder,
+                "unet": self.unet,
+                "scheduler": self.scheduler,
+                "latents": latents,
+                "masks": localization.latent_masks.to(device),
+                "features": localization.features.to(device),
+                "config": learn_config,
+                "generator": generator,
+                "progress": bar.update,
+                "callback": callback,
+            }
+            learned = learn_concepts(**inputs)
             lora = None
-            if learn_config.lora_rank is not None:  # the identity boost (lora.py)
-                learned, lora = train_lora(
-                    tokenizer=self.tokenizer,
-                    text_encoder=self.text_encoder,
-                    unet=self.unet,
-                    scheduler=self.scheduler,
-                    latents=latents,
-                    masks=localization.latent_masks.to(device),
-                    features=localization.features.to(device),
-                    learned=learned,
-                    config=learn_config,
-                    generator=generator,
-                    progress=bar.update,
-                    callback=callback,
-                )
+            if learn_config.lora_rank is not None:  # the identity boost (lora.py), from the tokens learned
+                learned, lora = train_lora(**inputs, learned=learned)
         tokens = concept_token_names(token_prefix, learned.embeddings.shape[0])
         base_model = str(getattr(self.config, "_name_or_path", "") or "")
         output = ConceptExpressOutput(

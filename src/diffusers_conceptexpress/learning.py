@@ -91,8 +91,9 @@ class LearningConfig:
         lora_rank: rank of the LoRA phase's adapter on the UNet's attention projections (None: no LoRA phase,
             the method as published; see :mod:`~diffusers_conceptexpress.lora` and docs/design.md).
         lora_alpha: the adapter's ``lora_alpha`` (None: equal to the rank, scale 1).
-        lora_steps, lora_learning_rate, lora_token_learning_rate: steps of the LoRA phase and AdamW learning
-            rates of the adapter and of the concept tokens in it (0: tokens frozen).
+        lora_steps, lora_learning_rate, lora_token_learning_rate: steps of the LoRA phase (200) and AdamW
+            learning rates of the adapter (1e-3) and of the concept tokens in it (1e-4; 0: tokens frozen);
+            chosen on the toy world's tuning scenes (docs/design.md, 'LoRA phase').
         lora_prompts: "union" (each concept alone + one random subset of 2..K concepts per step) or "joint"
             (each alone + all K, the token phase's prompts).
     """
@@ -121,8 +122,8 @@ class LearningConfig:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_steps: int = 200
-    lora_learning_rate: float = 1e-4
-    lora_token_learning_rate: float = 5e-5
+    lora_learning_rate: float = 1e-3
+    lora_token_learning_rate: float = 1e-4
     lora_prompts: str = "union"
 
     def __post_init__(self) -> None:

@@ -36,12 +36,13 @@ def test_wheel_holds_the_package_and_the_shipped_model_only(wheel):
         assert any(n.startswith(f"diffusers_conceptexpress/toyworld/model/{part}/") for n in names)
     assert "diffusers_conceptexpress/toyworld/model/model_index.json" in names
     assert "diffusers_conceptexpress/community/pipeline.py" in names  # the custom_pipeline entry
-    # no training code of the toy world: its modules build no optimiser (the package's own optimiser is the
-    # method's, learning.py, which learns token embeddings)
+    # no training code of the toy world: its modules build no optimiser (the package's own optimisers are the
+    # method's, learning.py, which learns token embeddings, and the optional LoRA phase's, lora.py)
     toyworld = {n: text for n, text in sources.items() if n.startswith("diffusers_conceptexpress/toyworld/")}
     assert "diffusers_conceptexpress/toyworld/scenes.py" in toyworld
     assert [n for n, text in toyworld.items() if "torch.optim" in text] == []
-    assert [n for n, text in sources.items() if "torch.optim" in text] == [
-        "diffusers_conceptexpress/learning.py"
+    assert sorted(n for n, text in sources.items() if "torch.optim" in text) == [
+        "diffusers_conceptexpress/learning.py",
+        "diffusers_conceptexpress/lora.py",
     ]
     assert not [n for n in names if n.endswith((".zip", ".npz", ".jsonl", ".png"))]

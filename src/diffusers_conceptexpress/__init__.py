@@ -11,6 +11,7 @@ from .export import load_concepts, save_concepts
 from .image_io import ImageInputError, load_image, prepare_image
 from .learning import LearnedConcepts, LearningConfig, learn_concepts
 from .localization import LocalizationConfig, LocalizationResult, localize
+from .lora import ConceptLora, train_lora
 from .outputs import ConceptExpressOutput, ConceptLocalization
 from .pipeline import ConceptExpressPipeline, community_pipeline_path
 from .pipeline_xl import ConceptExpressXLPipeline
@@ -24,6 +25,7 @@ __all__ = [
     "ConceptExpressPipeline",
     "ConceptExpressXLPipeline",
     "ConceptLocalization",
+    "ConceptLora",
     "ImageInputError",
     "ImageStatus",
     "LearnedConcepts",
@@ -43,4 +45,5 @@ __all__ = [
     "localize",
     "prepare_image",
     "save_concepts",
+    "train_lora",
 ]

@@ -357,7 +357,7 @@ def extract_to_folder(
                     pipe, output.tokens, seed=seed, steps=inference_steps, guidance=guidance, concepts=tmp
                 )
             finally:
-                pipe.unload_concepts([output.token_prefix, *output.tokens])
+                pipe.unload_concepts(output)  # its tokens and LoRA
             grid.save(tmp / "samples.png")
     return output
 

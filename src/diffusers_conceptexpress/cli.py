@@ -1,6 +1,7 @@
 """The ``conceptexpress`` command line.
 
     conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
+    conceptexpress extract IMAGE --model PATH_OR_ID --out DIR --lora-rank 4        # + the LoRA phase (lora.py)
     conceptexpress extract IMAGE [IMAGE ...] (files, folders, globs) --model PATH_OR_ID --out DIR   # DIR/<name>/
     torchrun --nproc_per_node N -m diffusers_conceptexpress extract ...        # the images split between processes
     conceptexpress generate --concepts DIR --model PATH_OR_ID --prompt "a photo of <ce>_1 in the snow"
@@ -122,6 +123,15 @@ def is_many_images(images: list[str], many: bool = False) -> bool:
     return path.is_dir() or (not path.is_file() and _has_magic(images[0]))
 
 
+def _lora_options(args: argparse.Namespace) -> dict:
+    """The LoRA phase's options of ``extract`` (none without ``--lora-rank``: runs keep their earlier keys)."""
+    options = {
+        k: v for k, v in (("lora_rank", args.lora_rank), ("lora_alpha", args.lora_alpha)) if v is not None
+    }
+    LearningConfig(**options)  # validate before loading any model
+    return options
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     if is_many_images(args.image, args.many):
         return _extract_many(args)
@@ -132,6 +142,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     image = args.image[0]
     load_image(image)  # validate before loading any model
+    lora = _lora_options(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "One image cannot be split between processes; run it on one process, or pass --many to write "
@@ -153,12 +164,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         num_train_steps=args.steps,
         schedule=args.schedule,
         mixed_precision=args.mixed_precision,
+        **lora,
     )
     print(f"{result.num_concepts} concept(s): {' '.join(result.tokens)}; files in {out}")
     if pipe.family == "sd":
         print(f'Use them: pipe.load_textual_inversion("{out / "concepts.safetensors"}")')
     else:  # SDXL: two standard calls, or one of ours
         print(f'Use them: diffusers_conceptexpress.load_concepts(pipe, "{out}")')
+    if result.lora is not None:
+        print(f'and their LoRA: pipe.load_lora_weights("{out}")')
     return 0
 
 
@@ -175,6 +189,7 @@ def _extract_many(args: argparse.Namespace) -> int:
         )
     find_images(args.image)  # validate before loading any model
     LearningConfig(num_train_steps=args.steps, schedule=args.schedule, mixed_precision=args.mixed_precision)
+    lora = _lora_options(args)
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
     if state.num_processes > 1 and args.device not in (None, "cpu", "cuda"):
@@ -199,6 +214,7 @@ def _extract_many(args: argparse.Namespace) -> int:
         num_train_steps=args.steps,
         schedule=args.schedule,
         mixed_precision=args.mixed_precision,
+        **lora,
     )
     if state.is_main_process:
         resumed = sum(s.resumed for s in result.images)
@@ -359,7 +375,7 @@ def evaluation_samples(
                 (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
                 (tmp / "settings.json").write_text(json.dumps(settings))
         finally:
-            pipe.unload_concepts([index["all_concepts_token"], *tokens])  # from every tokenizer (SDXL: two)
+            pipe.unload_concepts(directory)  # its tokens (from every tokenizer) and LoRA
     single = [read_samples(cache, f"concept_{c + 1}", samples) for c in range(k)]
     return single, (read_samples(cache, "joint", samples) if k > 1 else [])
 
@@ -469,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default(LearningConfig, "mixed_precision"),
         choices=list(MIXED_PRECISION),
     )
+    ext.add_argument("--lora-rank", type=int, default=None, help="add the LoRA phase at this rank (e.g. 4)")
+    ext.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha (default: the rank)")
     ext.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grid")
     ext.add_argument(
         "--inference-steps", type=int, default=INFERENCE_STEPS, help="sampling steps of the sample grid"

@@ -9,7 +9,11 @@ Layout of a saved concept directory (K concepts, token prefix ``<p>``, default `
 - ``concept_<k>.safetensors``: one single-key file per concept, key ``<p>_k`` and a ``[1, D]`` tensor; it
   loads alone with the stock loader (same token string as above) and in A1111-style tools (which name the
   token after the file).
-- ``concepts.json``: the index (tokens, files, masks, scores, base model, parameters, version).
+- ``concepts.json``: the index (tokens, files, masks, scores, base model, parameters, version; ``lora``: the
+  LoRA's file, rank, alpha and target modules, or null).
+- ``pytorch_lora_weights.safetensors`` (only with the LoRA phase, ``lora_rank``): the UNet LoRA in diffusers'
+  format with its adapter metadata, written by diffusers' ``save_lora_weights``; a stock pipeline loads it
+  with ``load_lora_weights(directory)``.
 - ``mask_<k>.png`` (:func:`mask_filename`, k = 1..K): each concept's mask at the original image size;
   ``source.png``: the source image (RGB, original size; what ``conceptexpress evaluate`` compares generations
   with); ``overlay.png``: the image with the coloured masks and token names.
@@ -49,6 +53,7 @@ __all__ = [
     "prompt_format",
     "read_concepts",
     "read_concepts_index",
+    "read_lora_settings",
     "save_concepts",
 ]
 
@@ -83,6 +88,7 @@ def save_concepts(
     token_prefix: str = DEFAULT_TOKEN_PREFIX,
     version: str = "",
     overwrite: bool = False,
+    lora=None,
 ) -> Path:
     """Write a concept directory (see the module docstring) atomically.
 
@@ -98,6 +104,7 @@ def save_concepts(
         base_model: name or path of the base model, stored in the index and the file headers.
         parameters: options of the run, stored in the index (JSON-serialisable).
         token_prefix: lower-case prefix of the tokens (default ``<ce>``).
+        lora: a :class:`~diffusers_conceptexpress.lora.ConceptLora` to write next to the tokens (optional).
     Returns:
         The directory path.
     """
@@ -145,6 +152,10 @@ def save_concepts(
             entry = {"token": token, "file": file, "mask": mask_file}
             entry["score"] = None if scores is None or scores[i] is None else float(scores[i])
             entries.append(entry)
+        if lora is not None:
+            from .lora import save_concept_lora
+
+            save_concept_lora(tmp, lora)
         if image is not None:
             image.convert("RGB").save(tmp / "source.png")
             overlay_masks(image, masks, tokens).save(tmp / "overlay.png")
@@ -157,6 +168,7 @@ def save_concepts(
             "model_family": "sdxl" if sdxl else "sd",
             "embedding_dim": {key: int(e.shape[1]) for key, e in by_key.items()} if sdxl else dim,
             "parameters": parameters or {},
+            "lora": lora.settings() if lora is not None else None,
             "version": version or __version__,
             "format_version": FORMAT_VERSION,
         }
@@ -200,6 +212,15 @@ def concepts_family(index: dict) -> str:
     return index.get("model_family", "sd")
 
 
+def read_lora_settings(directory: str | os.PathLike) -> dict | None:
+    """The LoRA entry of a concept directory's ``concepts.json`` (file, rank, alpha, target modules), or None
+    when the concepts have no LoRA (or the file is missing)."""
+    settings = read_concepts_index(directory).get("lora")
+    if not settings or not (Path(directory) / settings["file"]).is_file():
+        return None
+    return settings
+
+
 def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
     """``(prompt_template, joint_separator)`` the concepts in ``directory`` were learned with.
 
@@ -214,7 +235,8 @@ def prompt_format(directory: str | os.PathLike | None) -> tuple[str, str]:
 
 
 def load_concepts(pipe, directory: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Load saved concepts into ANY stock SD (1.x / 2.x) or SDXL pipeline with ``load_textual_inversion``.
+    """Load saved concepts into ANY stock SD (1.x / 2.x) or SDXL pipeline with ``load_textual_inversion``, and
+    their LoRA (``pytorch_lora_weights.safetensors``) with ``load_lora_weights`` when they have one.
 
     ``directory`` is one concepts folder or a list of them (e.g. the folders of a many-images run, whose
     tokens are named after the images: ``load_concepts(pipe, ["out/dog", "out/cat"])``, then
@@ -263,13 +285,18 @@ def load_concepts(pipe, directory: str | os.PathLike | Sequence[str | os.PathLik
         tokens += concept_tokens
     if pipe_family == "sd":
         pipe.load_textual_inversion(files if len(files) > 1 else files[0])
-        return tokens
-    for file, prefix in zip(files, prefixes, strict=True):
-        state = load_file(file)
-        pipe.load_textual_inversion(
-            state["clip_l"], token=prefix, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-        )
-        pipe.load_textual_inversion(
-            state["clip_g"], token=prefix, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-        )
+    else:
+        for file, prefix in zip(files, prefixes, strict=True):
+            state = load_file(file)
+            pipe.load_textual_inversion(
+                state["clip_l"], token=prefix, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                state["clip_g"], token=prefix, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
+    for d, prefix in zip(directories, prefixes, strict=True):  # each LoRA as its own adapter, all active
+        if read_lora_settings(d) is not None:
+            from .lora import load_concept_lora, lora_adapter_name
+
+            load_concept_lora(pipe, d, lora_adapter_name(prefix))
     return tokens

@@ -47,6 +47,7 @@ from .tokens import TrainableTokens, base_vocabulary_size, default_init_ids
 
 __all__ = [
     "JOINT_SEPARATOR",
+    "LORA_PROMPTS",
     "MIXED_PRECISION",
     "PROMPT_TEMPLATE",
     "SCHEDULES",
@@ -60,6 +61,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 #: Default training prompt ("{}" is replaced by the token(s)) and separator of the tokens in the joint prompt.
 PROMPT_TEMPLATE = "a photo of {}"
 JOINT_SEPARATOR = " and "
+#: Prompt sampling of the LoRA phase (:mod:`~diffusers_conceptexpress.lora`).
+LORA_PROMPTS = ("union", "joint")
 
 
 @dataclass
@@ -86,6 +89,14 @@ class LearningConfig:
         max_batch_size: "fast" only: micro-batch size (None: all prompts of a step at once).
         init_offset: split token i starts from vocabulary row ``vocab_size - init_offset + i`` (100), with
             ``vocab_size`` the ORIGINAL vocabulary (tokens loaded by textual inversion do not count).
+        lora_rank: rank of the LoRA phase's adapter on the UNet's attention projections (None: no LoRA phase,
+            the method as published; see :mod:`~diffusers_conceptexpress.lora` and docs/design.md).
+        lora_alpha: the adapter's ``lora_alpha`` (None: equal to the rank, scale 1).
+        lora_steps, lora_learning_rate, lora_token_learning_rate: steps of the LoRA phase (200) and AdamW
+            learning rates of the adapter (1e-3) and of the concept tokens in it (1e-4; 0: tokens frozen);
+            chosen on the toy world's tuning scenes (docs/design.md, 'LoRA phase').
+        lora_prompts: "union" (each concept alone + one random subset of 2..K concepts per step) or "joint"
+            (each alone + all K, the token phase's prompts).
     """
 
     num_train_steps: int = 500
@@ -109,6 +120,12 @@ class LearningConfig:
     mixed_precision: str = "no"
     max_batch_size: int | None = None
     init_offset: int = 100
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_steps: int = 200
+    lora_learning_rate: float = 1e-3
+    lora_token_learning_rate: float = 1e-4
+    lora_prompts: str = "union"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -127,6 +144,21 @@ class LearningConfig:
             )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {self.max_batch_size}.")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        rank = self.lora_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"lora_rank must be a positive integer or None (no LoRA phase), got {rank!r}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 or None (= lora_rank), got {self.lora_alpha!r}.")
+        if self.lora_steps < 1 or not self.lora_learning_rate > 0 or self.lora_token_learning_rate < 0:
+            raise ValueError(
+                "lora_steps must be >= 1, lora_learning_rate > 0 and lora_token_learning_rate >= 0; got "
+                f"{self.lora_steps}, {self.lora_learning_rate}, {self.lora_token_learning_rate}."
+            )
+        if self.lora_prompts not in LORA_PROMPTS:
+            raise ValueError(f"Unknown lora_prompts {self.lora_prompts!r}; choose one of {LORA_PROMPTS}.")
 
     def to_dict(self) -> dict:
         """Plain-JSON view of the options."""
@@ -440,7 +472,10 @@ def _update(trainer: _Trainer, optimizer, prompts, flip, split_names, merged, lo
         total += cfg.contrastive_weight * float(contrastive.detach()) * len(prompts)
     logs["loss"] += total
     logs["prompts"] += len(prompts)
-    torch.nn.utils.clip_grad_norm_([s.weight for s in trainer.token_sets], cfg.max_grad_norm)
+    # every trained parameter (the token matrix; and the adapter in the LoRA phase), clipped together
+    torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+    )
     optimizer.step()
     for tokens in trainer.token_sets:
         tokens.restore_original_rows()

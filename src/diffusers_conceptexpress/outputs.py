@@ -11,6 +11,7 @@ from diffusers.utils import BaseOutput
 from .image_io import ResizeRecord
 from .learning import LearnedConcepts
 from .localization import LocalizationResult
+from .lora import ConceptLora
 from .tokens import DEFAULT_TOKEN_PREFIX
 
 __all__ = ["ConceptExpressOutput", "ConceptLocalization"]
@@ -74,6 +75,8 @@ class ConceptExpressOutput(BaseOutput):
         base_model: name or path of the base model.
         parameters: the options of the run (JSON-serialisable).
         image: the source image (RGB), for the overlay picture.
+        lora: the UNet LoRA trained with the tokens (``lora_rank``), or None; ``save`` writes it as
+            ``pytorch_lora_weights.safetensors``.
     """
 
     tokens: list[str]
@@ -84,6 +87,7 @@ class ConceptExpressOutput(BaseOutput):
     base_model: str = ""
     parameters: dict = field(default_factory=dict)
     image: PIL.Image.Image | None = None
+    lora: ConceptLora | None = None
 
     @property
     def num_concepts(self) -> int:
@@ -106,5 +110,6 @@ class ConceptExpressOutput(BaseOutput):
                 parameters=self.parameters,
                 token_prefix=self.token_prefix,
                 overwrite=overwrite,
+                lora=self.lora,
             )
         )

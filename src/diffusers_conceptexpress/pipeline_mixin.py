@@ -25,10 +25,11 @@ from .attention import (
     unet_attention_factors,
 )
 from .conditioning import TextConditioning
-from .export import joint_embeddings, read_concepts
+from .export import joint_embeddings, read_concepts, read_lora_settings
 from .image_io import ImageInput, ResizeRecord, load_and_prepare_image, mask_to_original, prepare_image
 from .learning import LearningConfig, learn_concepts
 from .localization import LocalizationConfig, find_eot_index, localize
+from .lora import ConceptLora, load_concept_lora, lora_adapter_name, train_lora, unload_concept_lora
 from .masks import masks_to_latent_grid, on_grid
 from .outputs import ConceptExpressOutput, ConceptLocalization
 from .tokens import DEFAULT_TOKEN_PREFIX, concept_token_names
@@ -389,10 +390,12 @@ class ConceptExpressMixin:
                 :func:`~diffusers_conceptexpress.masks.as_bool_mask` reads it), e.g. from SAM or drawn by hand:
                 localization is skipped and these masks are used.
             token_prefix: lower-case prefix of the tokens: concepts become ``<prefix>_1 ... <prefix>_K``.
-            load: load the learned tokens into this pipeline, so ``pipe("a photo of <ce>_1")`` works at once
-                (tokens of an earlier extraction with the same prefix are replaced).
+            load: load the learned tokens (and the LoRA, with ``lora_rank``) into this pipeline, so
+                ``pipe("a photo of <ce>_1")`` works at once (tokens and LoRA of an earlier extraction with the
+                same prefix are replaced; that LoRA is removed before the extraction runs).
             **options: fields of :class:`~diffusers_conceptexpress.LocalizationConfig` and of
-                :class:`~diffusers_conceptexpress.LearningConfig`.
+                :class:`~diffusers_conceptexpress.LearningConfig`, e.g. ``lora_rank=4`` for the LoRA phase
+                (docs/design.md, 'LoRA phase'; off by default).
 
         Returns:
             :class:`~diffusers_conceptexpress.ConceptExpressOutput`; ``.save(directory)`` writes the files.
@@ -403,6 +406,8 @@ class ConceptExpressMixin:
         concept_token_names(token_prefix, 1)  # raises early on an unusable prefix
         resolution = loc_config.resolution or self.default_resolution
         self._check_resolution(resolution)
+        if load:  # the LoRA this extraction replaces takes no part in it
+            unload_concept_lora(self, lora_adapter_name(token_prefix))
         source, pixels, record = load_and_prepare_image(  # the input is decoded once
             image, resolution, multiple=self.size_multiple, policy=loc_config.resize_policy
         )
@@ -444,19 +449,24 @@ class ConceptExpressMixin:
         train_masks, train_features = on_grid(
             localization.latent_masks, localization.features, (lat_h, lat_w)
         )
-        with resident, self.progress_bar(total=learn_config.num_train_steps) as bar:
-            learned = learn_concepts(
-                conditioning=conditioning,
-                unet=self.unet,
-                scheduler=self.scheduler,
-                latents=latents,
-                masks=train_masks.to(device),
-                features=train_features.to(device),
-                config=learn_config,
-                generator=generator,
-                progress=bar.update,
-                callback=callback,
-            )
+        lora_steps = learn_config.lora_steps if learn_config.lora_rank is not None else 0
+        with resident, self.progress_bar(total=learn_config.num_train_steps + lora_steps) as bar:
+            inputs = {
+                "conditioning": conditioning,
+                "unet": self.unet,
+                "scheduler": self.scheduler,
+                "latents": latents,
+                "masks": train_masks.to(device),
+                "features": train_features.to(device),
+                "config": learn_config,
+                "generator": generator,
+                "progress": bar.update,
+                "callback": callback,
+            }
+            learned = learn_concepts(**inputs)
+            lora = None
+            if learn_config.lora_rank is not None:  # the identity boost (lora.py), from the tokens learned
+                learned, lora = train_lora(**inputs, learned=learned)
         tokens = concept_token_names(token_prefix, localization.num_concepts)
         base_model = str(getattr(self.config, "_name_or_path", "") or "")
         output = ConceptExpressOutput(
@@ -468,21 +478,27 @@ class ConceptExpressMixin:
             base_model=base_model,
             parameters={"localization": localization.options, "learning": learn_config.to_dict()},
             image=source,
+            lora=lora,
         )
         if load:
             self.load_concepts(output)
         return output
 
     def load_concepts(self, concepts: ConceptExpressOutput | str) -> list[str]:
-        """Load concepts (an :class:`ConceptExpressOutput` or a saved directory) into this pipeline.
+        """Load concepts (an :class:`ConceptExpressOutput` or a saved directory) into this pipeline: the tokens
+        (in every tokenizer) and, when the concepts have one, their LoRA (as adapter
+        ``lora_adapter_name(prefix)``, active together with the adapters active before).
 
-        Tokens with the same prefix that are already loaded are replaced (in every tokenizer). Returns the
-        prompt tokens.
+        Tokens (and a LoRA) with the same prefix that are already loaded are replaced. Returns the prompt
+        tokens.
         """
+        lora: ConceptLora | str | None
         if isinstance(concepts, ConceptExpressOutput):
             prefix, emb, tokens = concepts.token_prefix, concepts.embeddings, list(concepts.tokens)
+            lora = concepts.lora
         else:
             prefix, emb, tokens = read_concepts(concepts)
+            lora = str(concepts) if read_lora_settings(concepts) is not None else None
         keys = sorted(emb) if isinstance(emb, dict) else None
         if keys != (None if self._embedding_keys is None else sorted(self._embedding_keys)):
             learned_on = "SDXL (clip_l + clip_g)" if keys else "SD 1.x / 2.x (one text encoder)"
@@ -502,11 +518,22 @@ class ConceptExpressMixin:
                 self.load_textual_inversion(
                     {prefix: joint_embeddings(r).to(encoder.dtype)}, tokenizer=tokenizer, text_encoder=encoder
                 )
+            unload_concept_lora(self, lora_adapter_name(prefix))
+            if lora is not None:
+                load_concept_lora(self, lora, lora_adapter_name(prefix))
         return tokens
 
-    def unload_concepts(self, tokens: list[str]) -> None:
-        """Remove ``tokens`` (loaded by :meth:`load_concepts`) from every tokenizer and text encoder."""
-        for tok_name, enc_name in zip(self._tokenizer_names, self._text_encoder_names, strict=True):
-            self.unload_textual_inversion(
-                tokens, tokenizer=getattr(self, tok_name), text_encoder=getattr(self, enc_name)
-            )
+    def unload_concepts(self, concepts: ConceptExpressOutput | str) -> None:
+        """Remove what :meth:`load_concepts` loaded for these concepts (an output or a saved directory): their
+        tokens from every tokenizer and text encoder, and their LoRA adapter."""
+        if isinstance(concepts, ConceptExpressOutput):
+            prefix = concepts.token_prefix
+        else:
+            prefix = read_concepts(concepts)[0]
+        with self._offloading_suspended():
+            for tok_name, enc_name in zip(self._tokenizer_names, self._text_encoder_names, strict=True):
+                tokenizer, encoder = getattr(self, tok_name), getattr(self, enc_name)
+                loaded = [t for t in tokenizer.get_vocab() if t == prefix or t.startswith(prefix + "_")]
+                if loaded:
+                    self.unload_textual_inversion(loaded, tokenizer=tokenizer, text_encoder=encoder)
+            unload_concept_lora(self, lora_adapter_name(prefix))

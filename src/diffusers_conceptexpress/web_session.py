@@ -258,7 +258,7 @@ class ConceptExpressDemo:
             try:
                 yield tokens
             finally:
-                self.pipe.unload_textual_inversion([concepts.token_prefix, *tokens])
+                self.pipe.unload_concepts(concepts)
 
     def _generate(self, prompt: str, steps: int | None, guidance: float | None, seed: int) -> PIL.Image.Image:
         return self.pipe(

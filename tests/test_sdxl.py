@@ -373,3 +373,55 @@ def test_folder_with_sample_grid_leaves_no_token_in_either_tokenizer(xl_pipe, tm
     )
     assert (tmp_path / "c" / "samples.png").exists() and out.num_concepts >= 1
     assert (len(xl_pipe.tokenizer), len(xl_pipe.tokenizer_2)) == sizes
+
+
+def _unet_probe(pipe):
+    """The SDXL UNet's output on a fixed input (text_time added conditioning included)."""
+    cfg = pipe.unet.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    pooled = torch.randn(
+        1, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim, generator=g
+    )
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+
+
+def test_lora_phase_round_trip_into_a_stock_pipeline(xl_pipe, xl_dir, tmp_path):
+    """The LoRA phase on SDXL (issue 41): the tokens of both encoders train with the adapter; a stock
+    StableDiffusionXLPipeline given the folder by load_concepts has the same UNet (lora_alpha != rank kept), and
+    unloading gives the base UNet bit for bit."""
+    base = _unet_probe(xl_pipe)
+    out = xl_pipe.extract_concepts(
+        make_image(),
+        generator=torch.Generator().manual_seed(0),
+        method="kmeans",
+        num_concepts=2,
+        lora_rank=2,
+        lora_alpha=4,
+        lora_steps=2,
+        lora_learning_rate=1e-2,
+        **FAST,
+    )
+    assert out.lora is not None and out.learning.num_updates == FAST["num_train_steps"] + 2
+    assert sorted(out.lora.token_embeddings) == ["clip_g", "clip_l"]
+    adapted = _unet_probe(xl_pipe)
+    assert not torch.allclose(adapted, base)
+    out.save(tmp_path / "c")
+    stock = stock_pipe(xl_dir)
+    sizes = (len(stock.tokenizer), len(stock.tokenizer_2))
+    assert torch.equal(_unet_probe(stock), base)
+    assert load_concepts(stock, tmp_path / "c") == out.tokens
+    assert next(iter(stock.unet.peft_config.values())).lora_alpha == 4
+    assert torch.equal(_unet_probe(stock), adapted)
+    for k, token in enumerate(out.tokens):
+        assert_one_new_row(stock, token, {key: e[k] for key, e in out.embeddings.items()}, sizes)
+    image = stock("a photo of <ce>_1", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    stock.unload_lora_weights()
+    assert torch.equal(_unet_probe(stock), base)
+    xl_pipe.unload_concepts(out)
+    assert torch.equal(_unet_probe(xl_pipe), base)
+    assert "<ce>_1" not in xl_pipe.tokenizer.get_vocab() and "<ce>_1" not in xl_pipe.tokenizer_2.get_vocab()

@@ -43,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import diffusers_conceptexpress as ce
 from diffusers_conceptexpress.learning import SCHEDULES, LearningConfig
+from diffusers_conceptexpress.toyworld import model_path
 from diffusers_conceptexpress.toyworld.tokenizer import build_tokenizer
 
 FAMILIES = ("sd21", "sdxl")
@@ -59,9 +60,13 @@ def _sd21_unet_config() -> dict:
 
 
 def _text_config(
-    vocab: int, width: int, layers: int, heads: int, act: str, projection: int
+    tokenizer, vocab: int, width: int, layers: int, heads: int, act: str, projection: int
 ) -> CLIPTextConfig:
+    """A CLIP text encoder's config with ``vocab`` rows; the special token ids are ``tokenizer``'s."""
     return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         vocab_size=vocab,
         hidden_size=width,
         intermediate_size=4 * width,
@@ -89,14 +94,8 @@ def _vae(tiny: bool, sample_size: int) -> AutoencoderKL:
 
 
 def _scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    """SD's DDIM settings, as the shipped toy model has them (scaled-linear betas, epsilon)."""
+    return DDIMScheduler.from_pretrained(model_path(), subfolder="scheduler")
 
 
 def build_sd21(tiny: bool, workdir: Path) -> tuple[object, int]:
@@ -114,10 +113,10 @@ def build_sd21(tiny: bool, workdir: Path) -> tuple[object, int]:
             use_linear_projection=True,
             norm_num_groups=8,
         )
-        text = CLIPTextModel(_text_config(len(tokenizer), 32, 2, 2, "gelu", 32))
+        text = CLIPTextModel(_text_config(tokenizer, len(tokenizer), 32, 2, 2, "gelu", 32))
     else:
         unet = UNet2DConditionModel(**_sd21_unet_config())
-        text = CLIPTextModel(_text_config(49408, 1024, 23, 16, "gelu", 512))
+        text = CLIPTextModel(_text_config(tokenizer, 49408, 1024, 23, 16, "gelu", 512))
     resolution = 32 if tiny else 512
     pipe = ce.ConceptExpressPipeline(
         vae=_vae(tiny, resolution), text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=_scheduler()
@@ -132,14 +131,16 @@ def build_sdxl(tiny: bool, workdir: Path) -> tuple[object, int]:
     tokenizer_2 = build_tokenizer(workdir / "tokenizer_2")
     if tiny:
         widths, layers, heads = (32, 64), (1, 2), (2, 4)
-        text = CLIPTextModel(_text_config(len(tokenizer), 32, 2, 2, "quick_gelu", 32))
-        text_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2), 32, 2, 2, "gelu", 32))
+        text = CLIPTextModel(_text_config(tokenizer, len(tokenizer), 32, 2, 2, "quick_gelu", 32))
+        text_2 = CLIPTextModelWithProjection(
+            _text_config(tokenizer_2, len(tokenizer_2), 32, 2, 2, "gelu", 32)
+        )
         cross, time_dim = 64, 8
         blocks = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
     else:
         widths, layers, heads = (320, 640, 1280), (1, 2, 10), (5, 10, 20)
-        text = CLIPTextModel(_text_config(49408, 768, 12, 12, "quick_gelu", 768))
-        text_2 = CLIPTextModelWithProjection(_text_config(49408, 1280, 32, 20, "gelu", 1280))
+        text = CLIPTextModel(_text_config(tokenizer, 49408, 768, 12, 12, "quick_gelu", 768))
+        text_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 49408, 1280, 32, 20, "gelu", 1280))
         cross, time_dim = 2048, 256
         blocks = (
             ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -103,8 +103,8 @@ class LearningConfig:
         split_tokens_per_step: split tokens of each concept trained at a split step, taking turns (None: the
             schedule's; all of them, "turbo": 1).
         timestep_sampling: "uniform" (each prompt's t ~ U[0, T), the authors') or "stratified" (the prompts of
-            a step share out [0, T) in equal strata, one t in each, in random order); None: the schedule's
-            ("turbo": stratified).
+            a UNet call, i.e. of a step unless ``max_batch_size`` splits it, share out [0, T) in equal
+            strata, one t in each, in random order); None: the schedule's ("turbo": stratified).
         learning_rate, adam_betas, weight_decay, max_grad_norm: AdamW on the embedding matrix, constant lr
             (None: the schedule's, 5e-4, "turbo": 2e-3; (0.9, 0.999), 1e-2, 1.0).
         contrastive_weight, contrastive_temperature: SupCon in the split phase (1e-3, 0.07).

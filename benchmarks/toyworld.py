@@ -10,7 +10,8 @@ toy model (or ``--model``):
    (Hungarian-matched at image resolution, a missed object counts 0), precision and recall at IoU 0.5, the
    exact-count rate, and seconds per image. ``--pictures N`` writes one PNG of the first N scenes side by
    side (source, K-means, FINCH, ours, ground truth) to ``docs/toyworld_localizers.png``.
-2. **extraction** with ``schedule="fast"`` and ``schedule="faithful"``, each with our masks and with the
+2. **extraction** with ``schedule="fast"`` and ``schedule="faithful"`` (and ``"turbo"``, asked for by name in
+   ``--variants``), each with our masks and with the
    ground-truth masks (``masks=``): SIM^I, SIM^C, ACC^1, ACC^3 with the toy encoder, the share of
    single-concept generations whose main object ``toyworld.classify`` reads as the ground-truth object of
    that concept (shape and colour, and each of them alone; with our masks, the object the concept's mask
@@ -69,7 +70,16 @@ from diffusers_conceptexpress.toyworld.scenes import RIM_WIDTH, SHAPES, STRIPE_S
 from diffusers_conceptexpress.visualize import image_grid, overlay_masks
 
 LOCALIZERS = ("kmeans (K = objects)", "kmeans (K = objects + 1)", "finch", "conceptexpress")
-VARIANTS = ("fast, our masks", "fast, GT masks", "faithful, our masks", "faithful, GT masks")
+VARIANTS = (
+    "fast, our masks",
+    "fast, GT masks",
+    "faithful, our masks",
+    "faithful, GT masks",
+    "turbo, our masks",
+    "turbo, GT masks",
+)
+#: What ``--variants`` asks for when it is not given (turbo's are asked for by name).
+DEFAULT_VARIANTS = VARIANTS[:4]
 START, END = "<!-- toyworld-benchmark:start -->", "<!-- toyworld-benchmark:end -->"
 
 
@@ -670,7 +680,11 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=50)
     p.add_argument("--seed-start", type=int, default=20_000)
     p.add_argument("--parts", default="localization,extraction")
-    p.add_argument("--variants", default=",".join(v.replace(", ", "_").replace(" ", "-") for v in VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=",".join(_variant_dir(v) for v in DEFAULT_VARIANTS),
+        help=f"comma-separated, of {', '.join(_variant_dir(v) for v in VARIANTS)} (default: %(default)s)",
+    )
     p.add_argument(
         "--extraction-scenes", type=int, default=None, help="only the first N scenes (default: all)"
     )
@@ -694,7 +708,12 @@ def main() -> None:
         help="with --summarize-only: summarise the committed records of that fingerprint without its weights "
         "(a trial's model that is gone); every scene needs its samples grid",
     )
-    p.add_argument("--steps", type=int, default=500, help="training steps per extraction (authors: 500)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per extraction (default: the schedule's; authors: 500)",
+    )
     p.add_argument("--samples", type=int, default=4, help="generations per concept and for the joint prompt")
     p.add_argument(
         "--inference-steps",

@@ -56,6 +56,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
+from diffusers_conceptexpress.learning import LearningConfig  # noqa: E402
 from diffusers_conceptexpress.toyworld import model_path, render_scene  # noqa: E402
 from diffusers_conceptexpress.web import ZIP_NAME, WebDemo  # noqa: E402
 
@@ -134,6 +135,11 @@ def browser(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+def steps_of(browser) -> str:
+    """The training-steps field's value."""
+    return element(browser, "#ce-steps input[type=number]").get_attribute("value")
+
+
 def wait_for(condition, timeout: float = 60, what: str = "the page", interval: float = 0.1):
     """Poll ``condition()`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
@@ -290,9 +296,12 @@ def test_the_whole_flow_in_a_browser(server, browser, shots, tmp_path):
     # extract with a few steps: the progress bar moves, then one card per concept
     defaults = {css: element(browser, f"{css} input[type=number]").get_attribute("value") for css in SETTINGS}
     assert defaults == {"#ce-steps": "500", "#ce-sample-steps": "25", "#ce-guidance": "5"}  # the toy model's
+    # a schedule brings its own step count (turbo: 150), the default schedule the page's default
+    for schedule, count in (("turbo", "150"), ("fast", "500")):
+        browser.find_element(By.XPATH, f"//*[@id='ce-schedule']//label[contains(., '{schedule}')]").click()
+        wait_for(lambda count=count: steps_of(browser) == count, 30, f"{count} steps for {schedule}")
     type_into(browser, "#ce-steps input[type=number]", str(STEPS))
     type_into(browser, "#ce-sample-steps input[type=number]", str(SAMPLE_STEPS))
-    browser.find_element(By.XPATH, "//*[@id='ce-schedule']//label[contains(., 'fast')]").click()
     taken: list[Path] = []
     progress = extract_and_watch(browser, lambda: taken or taken.append(shots(browser, "05-progress")))
     assert len(progress) >= 2, progress  # at least two different positions of the bar were shown
@@ -373,9 +382,11 @@ def test_two_sessions_extract_at_once(server, browser, shots):
         open_app(browser, url)
         tabs[name] = browser.current_window_handle
         draw_scene(browser, number, objects)
+        browser.find_element(By.XPATH, f"//*[@id='ce-schedule']//label[contains(., '{schedule}')]").click()
+        count = str(LearningConfig(schedule=schedule).num_train_steps)  # the schedule's count arrives first
+        wait_for(lambda count=count: steps_of(browser) == count, 30, f"{count} steps for {schedule}")
         type_into(browser, "#ce-steps input[type=number]", str(steps))
         type_into(browser, "#ce-sample-steps input[type=number]", str(SAMPLE_STEPS))
-        browser.find_element(By.XPATH, f"//*[@id='ce-schedule']//label[contains(., '{schedule}')]").click()
     browser.switch_to.window(tabs["a"])
     element(browser, "#ce-extract").click()
     wait_for(lambda: "steps" in status(browser) or "Finding" in status(browser), 60, "tab a's job to start")

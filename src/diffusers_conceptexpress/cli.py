@@ -1,6 +1,6 @@
 """The ``conceptexpress`` command line.
 
-    conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful --seed S ...]
+    conceptexpress extract IMAGE --model PATH_OR_ID --out DIR [--steps N --schedule fast|faithful|turbo --seed S ...]
     conceptexpress extract IMAGE --model PATH_OR_ID --out DIR --lora-rank 4        # + the LoRA phase (lora.py)
     conceptexpress extract IMAGE [IMAGE ...] (files, folders, globs) --model PATH_OR_ID --out DIR   # DIR/<name>/
     torchrun --nproc_per_node N -m diffusers_conceptexpress extract ...        # the images split between processes
@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .evaluation import ENCODERS, sample_grid
 from .image_io import RESIZE_POLICIES
-from .learning import MIXED_PRECISION, SCHEDULES, LearningConfig
+from .learning import MIXED_PRECISION, SCHEDULE_DEFAULTS, SCHEDULES, LearningConfig
 from .localization import LOCALIZERS, LocalizationConfig
 from .tokens import DEFAULT_TOKEN_PREFIX
 
@@ -474,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument(
         "--many", action="store_true", help="the many-images layout (OUT/<name>/, index.json) for one image"
     )
-    steps = _default(LearningConfig, "num_train_steps")
-    ext.add_argument("--steps", type=int, default=steps, help=f"training steps (authors: {steps})")
+    steps = {name: d["num_train_steps"] for name, d in SCHEDULE_DEFAULTS.items()}
+    ext.add_argument(
+        "--steps", type=int, default=None, help=f"training steps (default: the schedule's, {steps})"
+    )
     ext.add_argument("--schedule", default=_default(LearningConfig, "schedule"), choices=list(SCHEDULES))
     ext.add_argument(
         "--token-prefix", default=DEFAULT_TOKEN_PREFIX, help="concepts become <prefix>_1 ... <prefix>_K"
@@ -502,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole method offline on the shipped toy model")
     demo.add_argument("--out", default="conceptexpress-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--scene", type=int, default=DEMO_SCENE, help="toy scene number (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=steps, help="training steps (default: %(default)s)")
+    demo.add_argument(
+        "--steps", type=int, default=steps["fast"], help="training steps (default: %(default)s)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     demo.set_defaults(func=cmd_demo)

@@ -367,7 +367,7 @@ class ConceptExpressMixin:
         self,
         image: ImageInput,
         *,
-        num_train_steps: int = 500,
+        num_train_steps: int | None = None,
         schedule: str = "fast",
         generator: torch.Generator | None = None,
         callback=None,
@@ -381,9 +381,10 @@ class ConceptExpressMixin:
 
         Args:
             image: as for :meth:`localize_concepts`.
-            num_train_steps: training steps (authors: 500).
-            schedule: "fast" (all prompts of a step in one batched UNet call) or "faithful" (the authors':
-                one optimiser step per prompt).
+            num_train_steps: training steps (None: the schedule's; authors: 500, "turbo": 150).
+            schedule: "fast" (all prompts of a step in one batched UNet call), "faithful" (the authors':
+                one optimiser step per prompt) or "turbo" (batched, at most 1/6 of the authors' UNet samples;
+                :data:`~diffusers_conceptexpress.learning.SCHEDULE_DEFAULTS`).
             generator: seeds everything random (noise, timesteps, flips): same seed, same embeddings.
             callback: ``callback(step, num_train_steps, logs)`` after every training step.
             masks: optional list of K binary masks at the image size (PIL, numpy or torch, each as

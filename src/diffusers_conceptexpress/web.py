@@ -455,6 +455,18 @@ class WebDemo:
                 **heavy,
             )
             generate_btn.click(on_generate, generate_inputs, [generated], api_name="generate", **heavy)
+            # a schedule brings its own step count (turbo: 150); the page's default stays with the default one
+            schedule.change(
+                lambda name: gr.update(
+                    value=engine.train_steps
+                    if name == LearningConfig.schedule
+                    else LearningConfig(schedule=name).num_train_steps
+                ),
+                [schedule],
+                [steps],
+                queue=False,
+                **hidden,
+            )
             prompt.submit(on_generate, generate_inputs, [generated], **hidden, **heavy)
             blocks.load(lambda: sessions.sweep() and None, None, None, queue=False, **hidden)
             blocks.unload(on_unload)

@@ -183,7 +183,7 @@ class ConceptExpressDemo:
         self.pipe = pipe
         self.inference_steps = int(inference_steps)
         self.guidance = float(guidance)
-        self.train_steps = int(train_steps or LearningConfig.num_train_steps)
+        self.train_steps = int(train_steps or LearningConfig().num_train_steps)
         self._lock = threading.Lock()
 
     @staticmethod

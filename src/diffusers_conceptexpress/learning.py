@@ -474,13 +474,7 @@ def learn_concepts(
                 num_updates += 1
                 last_of_step = u == len(updates) - 1 or steps[u + 1] != step
                 if last_of_step:
-                    n = max(1, logs.pop("prompts"))
-                    entry = {key: value / n for key, value in logs.items()}
-                    history.append(entry)
-                    if progress is not None:
-                        progress(1)
-                    if callback is not None:
-                        callback(step, config.num_train_steps, entry)
+                    _finish_step(logs, history, progress, callback, step, config.num_train_steps)
             if not merged:
                 _merge(token_sets, split_names)
             learned = [
@@ -494,6 +488,18 @@ def learn_concepts(
     return LearnedConcepts(
         _by_key(conditioning, learned), _by_key(conditioning, initial), num_updates, samples, history
     )
+
+
+def _finish_step(logs: dict, history: list[dict], progress, callback, step: int, total: int) -> None:
+    """A finished training step: its mean losses (``logs`` summed over its prompts) appended to ``history``,
+    then ``progress(1)`` and ``callback(step, total, entry)``."""
+    n = max(1, logs.pop("prompts"))
+    entry = {key: value / n for key, value in logs.items()}
+    history.append(entry)
+    if progress is not None:
+        progress(1)
+    if callback is not None:
+        callback(step, total, entry)
 
 
 def _by_key(conditioning: TextConditioning, values: list[torch.Tensor]):

@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from .conditioning import SDConditioning, TextConditioning
-from .learning import LORA_PROMPTS, LearnedConcepts, LearningConfig, _by_key, _Trainer, _update
+from .learning import (
+    LORA_PROMPTS,
+    LearnedConcepts,
+    LearningConfig,
+    _by_key,
+    _finish_step,
+    _Trainer,
+    _update,
+)
 from .tokens import TrainableTokens
 
 __all__ = [
@@ -247,13 +255,7 @@ def train_lora(
                 prompts = _union_prompts(k, names, config.lora_prompts, generator)
                 logs = {"loss": 0.0, "diffusion": 0.0, "attention": 0.0, "contrastive": 0.0, "prompts": 0}
                 samples += _update(trainer, optimizer, prompts, flip, [], True, logs)
-                n = max(1, logs.pop("prompts"))
-                entry = {key: value / n for key, value in logs.items()}
-                history.append(entry)
-                if progress is not None:
-                    progress(1)
-                if callback is not None:
-                    callback(config.num_train_steps + step, total, entry)
+                _finish_step(logs, history, progress, callback, config.num_train_steps + step, total)
             embeddings = _by_key(conditioning, [s.rows().detach().float().cpu() for s in token_sets])
         state = get_peft_model_state_dict(unet, adapter_name=_TRAINING_ADAPTER)
         lora.state_dict = {

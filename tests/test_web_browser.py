@@ -435,7 +435,14 @@ def test_the_serve_command(tmp_path):
     (tmp_path / "cwd").mkdir()
     command = [sys.executable, "-m", "diffusers_conceptexpress.cli", "serve", "--port", str(port)]
     process = subprocess.Popen(
-        command, cwd=tmp_path / "cwd", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=tmp_path / "cwd",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Ctrl-C as in a terminal, even where this suite runs as a background job (whose shell ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []

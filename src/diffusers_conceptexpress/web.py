@@ -153,6 +153,9 @@ class WebDemo:
         try:
             self.sessions = SessionFolders(self.root / "sessions", ttl=session_ttl)
             os.environ["GRADIO_TEMP_DIR"] = str(self.root / "gradio")  # read by Gradio when blocks are built
+            # Gradio >= 6.31 makes <its import-time temp dir>/gradio/vibe_edit_history (when the blocks are built
+            # or served), whatever GRADIO_TEMP_DIR says later: note what did not exist, for close() to remove
+            self._gradio_dirs_made = [d for d in _gradio_default_dirs() if not d.exists()]
             self.blocks = self._build(gr)
         except BaseException:
             self._remove_root()
@@ -174,9 +177,7 @@ class WebDemo:
         if "run_history" in inspect.signature(self.blocks.launch).parameters:  # Gradio 6.x's later releases
             options["run_history"] = False  # would keep every run in the browser (or a Hub bucket)
         options.update(kwargs)
-        # Gradio >= 6.31 makes <its import-time temp dir>/vibe_edit_history when a server starts, whatever
-        # GRADIO_TEMP_DIR says later: note what did not exist, so that close() removes it again when empty.
-        self._gradio_dirs_made += [d for d in _gradio_default_dirs() if not d.exists()]
+        self._gradio_dirs_made += [d for d in _gradio_default_dirs() if not d.exists()]  # (see __init__)
         self.blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **options)
         return self.blocks.local_url
 

@@ -411,10 +411,7 @@ def learn_concepts(
         :class:`LearnedConcepts`.
     """
     config = config or LearningConfig()
-    if conditioning is None:
-        if tokenizer is None or text_encoder is None:
-            raise TypeError("learn_concepts needs tokenizer and text_encoder, or a conditioning.")
-        conditioning = SDConditioning(tokenizer, text_encoder)
+    conditioning = _conditioning_of(conditioning, tokenizer, text_encoder, "learn_concepts")
     k = masks.shape[0]
     if k < 1:
         raise ValueError("Concept learning needs at least one mask.")
@@ -432,9 +429,7 @@ def learn_concepts(
     pairs = list(zip(conditioning.tokenizers, conditioning.text_encoders, strict=True))
     updates, steps = _plan(config, k)
     frozen = [*conditioning.text_encoders, unet]
-    requires_grad = [{n: p.requires_grad for n, p in m.named_parameters()} for m in frozen]
-    for module in frozen:
-        module.requires_grad_(False)
+    requires_grad = _freeze(frozen)
     history: list[dict] = []
     samples = num_updates = 0
     try:
@@ -482,12 +477,34 @@ def learn_concepts(
                 for s in token_sets
             ]
     finally:
-        for module, saved in zip(frozen, requires_grad, strict=True):
-            for name, param in module.named_parameters():
-                param.requires_grad_(saved.get(name, False))
+        _restore_grad(frozen, requires_grad)
     return LearnedConcepts(
         _by_key(conditioning, learned), _by_key(conditioning, initial), num_updates, samples, history
     )
+
+
+def _conditioning_of(conditioning, tokenizer, text_encoder, caller: str) -> TextConditioning:
+    """``conditioning``, or SD's of ``tokenizer`` + ``text_encoder`` when it is None."""
+    if conditioning is not None:
+        return conditioning
+    if tokenizer is None or text_encoder is None:
+        raise TypeError(f"{caller} needs tokenizer and text_encoder, or a conditioning.")
+    return SDConditioning(tokenizer, text_encoder)
+
+
+def _freeze(modules: Sequence[torch.nn.Module]) -> list[dict[str, bool]]:
+    """Switch ``requires_grad`` off for every parameter of ``modules``; returns the flags as they were."""
+    saved = [{n: p.requires_grad for n, p in m.named_parameters()} for m in modules]
+    for module in modules:
+        module.requires_grad_(False)
+    return saved
+
+
+def _restore_grad(modules: Sequence[torch.nn.Module], saved: list[dict[str, bool]]) -> None:
+    """Put back the flags :func:`_freeze` returned (parameters added since then: off)."""
+    for module, flags in zip(modules, saved, strict=True):
+        for name, param in module.named_parameters():
+            param.requires_grad_(flags.get(name, False))
 
 
 def _finish_step(logs: dict, history: list[dict], progress, callback, step: int, total: int) -> None:

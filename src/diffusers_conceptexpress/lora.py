@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import SDConditioning, TextConditioning
+from .conditioning import TextConditioning
 from .learning import (
     LORA_PROMPTS,
     LearnedConcepts,
     LearningConfig,
     _by_key,
+    _conditioning_of,
     _finish_step,
+    _freeze,
+    _restore_grad,
     _Trainer,
     _update,
 )
@@ -194,10 +197,7 @@ def train_lora(
 
     if config.lora_rank is None:
         raise ValueError("train_lora needs config.lora_rank (the LoRA phase is off when it is None).")
-    if conditioning is None:
-        if tokenizer is None or text_encoder is None:
-            raise TypeError("train_lora needs tokenizer and text_encoder, or a conditioning.")
-        conditioning = SDConditioning(tokenizer, text_encoder)
+    conditioning = _conditioning_of(conditioning, tokenizer, text_encoder, "train_lora")
     emb = learned.embeddings
     starts = [emb] if conditioning.keys is None else [emb[key] for key in conditioning.keys]
     k = starts[0].shape[0]
@@ -208,11 +208,9 @@ def train_lora(
     lora = ConceptLora({}, config.lora_rank, alpha, token_embeddings=_by_key(conditioning, start_copy))
     names = [f"<cxlora{i}>" for i in range(k)]
     frozen = [*conditioning.text_encoders, unet]
-    requires_grad = [{n: p.requires_grad for n, p in m.named_parameters()} for m in frozen]
     previous = _active_adapters(unet)
     _delete_adapter(unet, _TRAINING_ADAPTER)  # a leftover of an interrupted run
-    for module in frozen:
-        module.requires_grad_(False)
+    requires_grad = _freeze(frozen)
     history: list[dict] = []
     try:
         if generator is not None:  # peft draws the initialisation from torch's global generator
@@ -266,9 +264,7 @@ def train_lora(
         _delete_adapter(unet, _TRAINING_ADAPTER)
         if previous:
             _activate(unet, previous)
-        for module, saved in zip(frozen, requires_grad, strict=True):
-            for name, param in module.named_parameters():
-                param.requires_grad_(saved.get(name, False))
+        _restore_grad(frozen, requires_grad)
     result = replace(
         learned,
         embeddings=embeddings,

@@ -303,8 +303,9 @@ def pack_records(records: Path, variant: str) -> Path | None:
 def unpack_records(records: Path, variant: str) -> int:
     """Unpack the records of ``records/<variant>.zip`` that ``records/<variant>/`` lacks; returns how many.
 
-    Each scene's folder is written to a temporary name and renamed into place, ``result.json`` last, so an
-    interrupted unpack leaves no record that looks complete.
+    Each scene's folder is written to a temporary name of this process and renamed into place, ``result.json``
+    last, so an interrupted unpack leaves no record that looks complete, and processes started together (the
+    ``--claim`` workers of a recipe) may unpack the same archive at once: the first rename wins.
     """
     archive = _archive_path(records, variant)
     if not archive.is_file():
@@ -318,13 +319,22 @@ def unpack_records(records: Path, variant: str) -> int:
         for seed, infos in members.items():
             if (folder / seed / "result.json").is_file():
                 continue
-            tmp = folder / f".{seed}.unpacking"
+            tmp = folder / f".{seed}.unpacking.{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for info in sorted(infos, key=lambda i: i.filename.endswith("result.json")):
                 (tmp / Path(info.filename).name).write_bytes(zf.read(info))
+            if (folder / seed / "result.json").is_file():  # another process unpacked it meanwhile
+                shutil.rmtree(tmp)
+                continue
             shutil.rmtree(folder / seed, ignore_errors=True)  # a half record of an interrupted run
-            os.replace(tmp, folder / seed)
+            try:
+                os.replace(tmp, folder / seed)
+            except OSError:  # another process's rename came first
+                shutil.rmtree(tmp)
+                if not (folder / seed / "result.json").is_file():
+                    raise
+                continue
             added += 1
     return added
 

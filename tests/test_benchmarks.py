@@ -62,6 +62,27 @@ def test_records_pack_into_one_reproducible_zip_and_unpack_to_the_same_bytes(tmp
     assert not list((clone / "fast_GT-masks").glob(".*"))  # no temporary folder left behind
 
 
+def test_unpack_records_leaves_a_record_that_another_process_unpacked_first(tmp_path, monkeypatch):
+    """Workers started together unpack the same archive: the one whose rename comes second keeps the first's."""
+    bench = load_benchmark("toyworld")
+    records = tmp_path / "abc123"
+    _record(records / "fast_GT-masks" / "20000", 20000, b"first")
+    archive = bench.pack_records(records, "fast, GT masks")
+    clone = tmp_path / "clone" / "abc123"
+    clone.mkdir(parents=True)
+    (clone / "fast_GT-masks.zip").write_bytes(archive.read_bytes())
+    real_replace = os.replace
+
+    def another_process_first(src, dst):
+        _record(Path(dst), 20000, b"other")  # the other worker's rename lands between our check and ours
+        real_replace(src, dst)  # a folder onto a non-empty folder: OSError
+
+    monkeypatch.setattr(bench.os, "replace", another_process_first)
+    assert bench.unpack_records(clone, "fast, GT masks") == 0
+    assert (clone / "fast_GT-masks" / "20000" / "masks.npz").read_bytes() == b"other"
+    assert not list((clone / "fast_GT-masks").glob(".*"))  # our temporary folder is gone
+
+
 @pytest.mark.parametrize("variant", ["fast, our masks", "faithful, GT masks"])
 def test_committed_records_of_the_shipped_model_are_complete_archives(variant):
     bench = load_benchmark("toyworld")

@@ -77,3 +77,10 @@ def test_alone_grow_learns_from_the_mask_and_its_free_band():
         yo, xo = np.nonzero(scene.masks[k])
         chebyshev = np.maximum(np.abs(ys[:, None] - yo[None]), np.abs(xs[:, None] - xo[None]))
         assert (chebyshev.min(1) <= 4).all()
+
+
+def test_composition_probe_draws_fixed_pairs_of_two_colours():
+    probe = load_probe("toyworld_composition_base")
+    pairs = probe.pairs(30, seed=0)
+    assert len(pairs) == 30 and pairs == probe.pairs(30, seed=0) and pairs != probe.pairs(30, seed=1)
+    assert all(first[0] != second[0] for first, second in pairs)

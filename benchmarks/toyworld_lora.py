@@ -53,15 +53,21 @@ def plain_prompts() -> list[tuple[str, str]]:
     return [(c, s) for c in COLORS for s in SHAPES]
 
 
-def generate(pipe, prompt: str, samples: int, args) -> list[PIL.Image.Image]:
-    """``samples`` images of ``prompt`` with seeds 0..samples-1 (the benchmark's protocol: one generator per image)."""
+def generate_prompts(pipe, prompts: list[str], samples: int, args) -> list[PIL.Image.Image]:
+    """``samples`` images of each prompt in ONE pipeline call, prompt-major; image i of a prompt has seed
+    ``args.seed`` + i (the benchmark's protocol: one generator per image), whatever the other prompts."""
     return pipe(
-        prompt,
+        prompts,
         num_images_per_prompt=samples,
         num_inference_steps=args.inference_steps,
         guidance_scale=args.guidance,
-        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(samples)],
+        generator=[torch.Generator().manual_seed(args.seed + i) for _ in prompts for i in range(samples)],
     ).images
+
+
+def generate(pipe, prompt: str, samples: int, args) -> list[PIL.Image.Image]:
+    """``samples`` images of ``prompt`` with seeds ``args.seed``.. (:func:`generate_prompts` of one prompt)."""
+    return generate_prompts(pipe, [prompt], samples, args)
 
 
 def read_singles(images: list[list[PIL.Image.Image]], targets: list, scene) -> list[dict]:
@@ -91,15 +97,7 @@ def read_plain(pipe, args, chunk: int = 12) -> dict:
     right, wrong, total = 0, [], 0
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
-        images = pipe(
-            [f"a photo of a {c} {s}" for c, s in part],
-            num_images_per_prompt=PLAIN_SAMPLES,
-            num_inference_steps=args.inference_steps,
-            guidance_scale=args.guidance,
-            generator=[
-                torch.Generator().manual_seed(args.seed + i) for _ in part for i in range(PLAIN_SAMPLES)
-            ],
-        ).images
+        images = generate_prompts(pipe, [f"a photo of a {c} {s}" for c, s in part], PLAIN_SAMPLES, args)
         for j, r in enumerate(classify(images)):
             colour, shape = part[j // PLAIN_SAMPLES]
             total += 1

@@ -23,7 +23,7 @@ import torch
 from diffusers_conceptexpress import ConceptExpressPipeline
 from diffusers_conceptexpress.atomic import atomic_file
 from diffusers_conceptexpress.toyworld import model_path
-from toyworld_lora import plain_prompts, read_named_object
+from toyworld_lora import generate_prompts, plain_prompts, read_named_object
 
 
 def pairs(count: int, seed: int) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -51,16 +51,12 @@ def main() -> None:
     pipe = ConceptExpressPipeline.from_pretrained(model_path())
     pipe.set_progress_bar_config(disable=True)
     todo = pairs(args.pairs, args.seed)
+    protocol = argparse.Namespace(inference_steps=50, guidance=7.5, seed=0)  # the benchmark's generations
     rows = []
     for start in range(0, len(todo), args.chunk):
         part = todo[start : start + args.chunk]
-        images = pipe(
-            [f"a photo of a {c1} {s1} and a {c2} {s2}" for (c1, s1), (c2, s2) in part],
-            num_images_per_prompt=args.samples,
-            num_inference_steps=50,
-            guidance_scale=7.5,
-            generator=[torch.Generator().manual_seed(i) for _ in part for i in range(args.samples)],
-        ).images
+        prompts = [f"a photo of a {c1} {s1} and a {c2} {s2}" for (c1, s1), (c2, s2) in part]
+        images = generate_prompts(pipe, prompts, args.samples, protocol)
         for n, im in enumerate(images):
             (c1, s1), (c2, s2) = part[n // args.samples]
             first, second = read_named_object(im, c1, s1), read_named_object(im, c2, s2)

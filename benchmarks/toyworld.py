@@ -575,6 +575,7 @@ def summarize_extraction(items, variant: str, args, records: Path, work: Path, e
         "shape_confusion": shape_confusion(per_concept),
         "colour_errors": colour_errors(per_concept),
         "seconds": float(np.mean(seconds)),
+        "seconds_range": [float(min(seconds)), float(max(seconds))] if seconds else None,
         "unet_samples": float(np.mean(samples)),
         "scenes": len(items),
         "per_concept": per_concept,

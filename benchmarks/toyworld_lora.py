@@ -253,6 +253,12 @@ def base_plain(pipe, args, work: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def plain_misses_by_shape(plain: list[dict]) -> dict[str, int]:
+    """Plain-prompt images read wrong, by the shape the prompt asked for (over :func:`read_plain` results)."""
+    asked = [w.split(" -> ")[0].split()[-1] for x in plain for w in x["wrong"]]
+    return {shape: asked.count(shape) for shape in SHAPES}
+
+
 def share(rows: list[dict]) -> float:
     """Share of generations read right over rows of :func:`read_singles`."""
     return sum(r["both"] for r in rows) / max(sum(r["images"] for r in rows), 1)
@@ -351,7 +357,17 @@ def summarize(items, args, work: Path) -> dict:
         "composition_named_object": sum(x["found"] for x in comp) / sum(x["images"] for x in comp)
         if comp
         else None,
+        "scenes_helped": sum(share(r["with_lora"]) > share(r["tokens_alone"]) for r in rows),
+        "scenes_hurt": sum(share(r["with_lora"]) < share(r["tokens_alone"]) for r in rows),
+        "plain_wrong_by_shape": plain_misses_by_shape(plain),
         "seconds": float(np.mean([r["seconds"] for r in rows])) if rows else None,
+        "seconds_range": [min(r["seconds"] for r in rows), max(r["seconds"] for r in rows)] if rows else None,
+        "seconds_token_phase_range": [
+            min(r["seconds_token_phase"] for r in rows),
+            max(r["seconds_token_phase"] for r in rows),
+        ]
+        if rows
+        else None,
         "cost_ratio": float(np.mean([r["seconds"] / r["seconds_token_phase"] for r in rows]))
         if rows
         else None,

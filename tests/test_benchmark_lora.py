@@ -46,3 +46,14 @@ def test_run_key_separates_options_and_generation_protocols():
     assert bench.run_key(args) != bench.run_key(other)
     assert bench.lora_options(other) == {"lora_rank": 4, "lora_learning_rate": 1e-3}
     assert "ddim50-cfg7.5-n4-seed0" in bench.run_key(args)
+
+
+def test_plain_misses_are_counted_by_the_shape_asked_for():
+    bench = load_benchmark("toyworld_lora")
+    plain = [
+        {"right": 1, "images": 3, "wrong": ["orange circle -> yellow circle", "pink cross -> pink square"]},
+        {"right": 0, "images": 1, "wrong": ["cyan circle -> cyan heart"]},
+    ]
+    counts = bench.plain_misses_by_shape(plain)
+    assert set(counts) == set(SHAPES) and sum(counts.values()) == 3
+    assert counts["circle"] == 2 and counts["cross"] == 1 and counts["square"] == 0

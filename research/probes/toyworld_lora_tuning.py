@@ -39,6 +39,9 @@ from diffusers_conceptexpress.lora import train_lora
 from diffusers_conceptexpress.tokens import concept_token_names
 from diffusers_conceptexpress.toyworld import classify, model_path, render_scene
 
+#: The light editability check: every 4th colour-shape pair (12 prompts), one image each.
+PLAIN_PROMPTS = toyworld_lora.plain_prompts()[::4]
+
 
 def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
@@ -87,7 +90,10 @@ def main() -> None:
         else set()
     )
     configs = [parse_config(c) for c in args.config]
-    for seed in map(int, args.seeds.split(",")):
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:
+        if all((name, seed) in done for name, _ in configs):
+            continue
         folder = toyworld._result_path(records, "fast, our masks", seed).parent
         record = json.loads((folder / "result.json").read_text())
         emb = load_file(str(folder / "embeddings.safetensors"))["embeddings"]
@@ -129,7 +135,7 @@ def main() -> None:
                 )
                 plain = [
                     (c, s, classify(toyworld_lora.generate(pipe, f"a photo of a {c} {s}", 1, args))[0])
-                    for c, s in toyworld_lora.plain_prompts()[::4]
+                    for c, s in PLAIN_PROMPTS
                 ]
             finally:
                 pipe.unload_concepts(output)
@@ -148,6 +154,32 @@ def main() -> None:
                 f"plain {line['plain']:.0%}, {seconds:.0f} s",
                 flush=True,
             )
+    print(
+        summary_table([json.loads(x) for x in out.read_text().splitlines()], [n for n, _ in configs], seeds)
+    )
+
+
+def summary_table(lines: list[dict], configs: list[str], seeds: list[int]) -> str:
+    """Per config, over ``seeds``: generations right with the record's tokens alone and with the LoRA, plain
+    prompts right (:data:`PLAIN_PROMPTS` per scene) and the LoRA phase's seconds (a markdown table)."""
+    rows = [
+        "| config | scenes | tokens alone | with LoRA | plain prompts | LoRA phase s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in configs:
+        mine = [x for x in lines if x["config"] == name and x["seed"] in seeds]
+        if not mine:
+            continue
+        images = sum(c["images"] for x in mine for c in x["per_concept_lora"])
+        alone = sum(c["both"] for x in mine for c in x["per_concept_tokens"])
+        lora = sum(c["both"] for x in mine for c in x["per_concept_lora"])
+        plain = round(sum(x["plain"] * len(PLAIN_PROMPTS) for x in mine))
+        secs = [x["seconds"] for x in mine]
+        rows.append(
+            f"| {name} | {len(mine)} | {alone}/{images} | {lora}/{images} | {plain}/{len(PLAIN_PROMPTS) * len(mine)} | "
+            f"{min(secs):.0f}-{max(secs):.0f} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,21 @@ def test_composition_probe_draws_fixed_pairs_of_two_colours():
     pairs = probe.pairs(30, seed=0)
     assert len(pairs) == 30 and pairs == probe.pairs(30, seed=0) and pairs != probe.pairs(30, seed=1)
     assert all(first[0] != second[0] for first, second in pairs)
+
+
+def test_lora_tuning_table_sums_each_config_over_the_seeds_asked():
+    probe = load_probe("toyworld_lora_tuning")
+    n = len(probe.PLAIN_PROMPTS)
+
+    def line(config, seed, alone, lora, plain, seconds):
+        return {
+            "config": config, "seed": seed, "plain": plain / n, "seconds": seconds,
+            "per_concept_tokens": [{"both": alone, "images": 4}], "per_concept_lora": [{"both": lora, "images": 4}],
+        }  # fmt: skip
+
+    lines = [line("a", 1, 4, 3, n, 70.0), line("a", 2, 1, 2, n - 1, 90.0), line("b", 1, 4, 4, n, 140.0)]
+    lines.append(line("a", 3, 0, 0, 0, 10.0))  # a seed not asked for
+    table = probe.summary_table(lines, ["a", "b", "c"], [1, 2]).splitlines()
+    assert table[2] == f"| a | 2 | 5/8 | 5/8 | {2 * n - 1}/{2 * n} | 70-90 |"
+    assert table[3] == f"| b | 1 | 4/4 | 4/4 | {n}/{n} | 140-140 |"
+    assert len(table) == 4  # no row for a config without lines
